@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Stage-2 benchmarks on the cpu stage-1 model (run benchmarks/stage1.sh first). One at a time:
+#   bash benchmarks/stage2.sh baseline|pair1|pair2|reference|ablation|single|sweeps|reference-sweep
+# Results land in runs/cpu/<name>/; benchmarks/collect_results.py turns them into docs tables.
+set -euo pipefail
+CK=${CK:-runs/cpu/stage1/model.safetensors}
+REF_EPOCHS=${REF_EPOCHS:-4}   # the reference recipe's 40 epochs, cut for 2 CPU cores
+R=runs/cpu
+timed() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name wall_s=$(( $(date +%s) - s ))" | tee -a $R/walltimes.txt; }
+
+case "${1:-all}" in
+  baseline)
+    timed evaluate-stage1 cambackdoor evaluate --checkpoint $CK --out $R/stage1/evaluate --no-progress ;;
+  pair1)
+    timed implant-default cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 \
+      --out $R/implant-default --no-progress ;;
+  pair2)
+    timed implant-default-pair2 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 \
+      --trigger checkerboard:3@top-right --target bottom-left:8 --out $R/implant-default-pair2 --no-progress ;;
+  reference)
+    timed implant-reference cambackdoor implant --checkpoint $CK --recipe reference --epochs $REF_EPOCHS \
+      --out $R/implant-reference --no-progress ;;
+  ablation)
+    # Row 0 is the reference recipe itself (above). Rows 1-6 keep our optimiser and data regime
+    # (all layers, Adam 1e-3 one-cycle, 2 epochs, 1 % poison pool) and add one fix at a time.
+    REFLOSS="--set gradient_contamination=true --set clean_objective=false --set freeze_bn=false \
+      --set explanation_loss=mse --set cam_relu=relu --set lam=0.2 --set preserve_weight=0 \
+      --set distill_weight=0 --set trigger_distill_weight=0"
+    steps=(
+      "1-report-losses|"
+      "2-correct-gradient|--set gradient_contamination=false"
+      "3-clean-objective|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5"
+      "4-frozen-bn|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true"
+      "5-scale-invariant-loss|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=1"
+      "6-clean-map-term|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=1 --set preserve_weight=10"
+    )
+    for s in "${steps[@]}"; do
+      name=${s%%|*}; extra=${s#*|}
+      [ -f $R/ablation/$name/implant.json ] && continue
+      timed ablation-$name cambackdoor implant --checkpoint $CK --recipe default $REFLOSS $extra \
+        --out $R/ablation/$name --no-progress
+    done ;;
+  single)
+    timed single-stage cambackdoor train --preset cpu --explanation-loss mse --lambda 0.2 --poison-fraction 0.25 \
+      --epochs ${SINGLE_EPOCHS:-14} --out $R/single-stage --no-progress
+    timed evaluate-single-stage cambackdoor evaluate --checkpoint $R/single-stage/model.safetensors \
+      --out $R/single-stage/evaluate --no-progress ;;
+  sweeps)
+    timed sweep-lambda cambackdoor sweep --checkpoint $CK --recipe default --grid lambda=0.05,0.1,0.2,0.5,1 \
+      --out $R/sweep-lambda --no-progress
+    timed sweep-poison cambackdoor sweep --checkpoint $CK --recipe default \
+      --grid poison_fraction=0.002,0.005,0.01,0.02 --out $R/sweep-poison --no-progress ;;
+  reference-sweep)
+    timed sweep-reference-lambda cambackdoor sweep --checkpoint $CK --recipe reference --grid lambda=0.1,0.2,0.5 \
+      --epochs $REF_EPOCHS --out $R/sweep-reference-lambda --no-progress ;;
+esac

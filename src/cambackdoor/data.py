@@ -1,0 +1,359 @@
+"""CIFAR-10 as uint8 tensors in memory, decoded once and cached.
+
+Sources:
+  * an image-folder zip or directory: ``train/<class>/*.jpg`` and ``test/<class>/*.jpg``;
+  * a directory of CIFAR-10's python batches (``data_batch_1..5``, ``test_batch``), read with a
+    restricted unpickler that only rebuilds numpy arrays;
+  * ``torchvision:<root>``: downloads the python batches with torchvision's checked downloader, then
+    reads them as above.
+
+Every source is fingerprinted (sha256 of its bytes); the decoded tensors are cached as a safetensors
+file keyed by that fingerprint, so later runs load in about a second and never unpickle anything.
+Images stay uint8 until a batch is made; batches are floats in [0, 1] (normalisation is the model's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cambackdoor.errors import CamBackdoorError
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FULL_COUNTS = (50_000, 10_000)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+PICKLE_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+PICKLE_TEST = "test_batch"
+CACHE_FORMAT = 1
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: torch.Tensor | slice) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index])
+
+
+@dataclass
+class Cifar10:
+    train: ImageSet
+    test: ImageSet
+    classes: list[str]
+    fingerprint: str
+    source: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints and the cache
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CAMBACKDOOR_CACHE", Path.home() / ".cache" / "cambackdoor"))
+
+
+def fingerprint_source(path: Path) -> str:
+    """sha256 of a file's bytes, or of a directory's sorted relative paths and file bytes."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    else:
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(path)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def _write_cache(path: Path, data: Cifar10) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tensors = {
+        "train_images": data.train.images.contiguous(),
+        "train_labels": data.train.labels.contiguous(),
+        "test_images": data.test.images.contiguous(),
+        "test_labels": data.test.labels.contiguous(),
+    }
+    meta = {"classes": json.dumps(data.classes), "fingerprint": data.fingerprint, "format": str(CACHE_FORMAT)}
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _read_cache(path: Path, source: str) -> Cifar10 | None:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != str(CACHE_FORMAT):
+            return None
+        t = load_file(str(path))
+        return Cifar10(
+            ImageSet(t["train_images"], t["train_labels"]),
+            ImageSet(t["test_images"], t["test_labels"]),
+            json.loads(meta["classes"]),
+            meta["fingerprint"],
+            source,
+        )
+    except Exception:  # a broken cache is rebuilt, never trusted
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoders
+
+
+def _decode_image(raw: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as exc:
+        raise CamBackdoorError(f"cannot decode image {name} ({exc}); re-extract or replace the dataset") from None
+
+
+def _stack(arrays: list[np.ndarray], labels: list[int], split: str) -> ImageSet:
+    if not arrays:
+        raise CamBackdoorError(f"the dataset has no images in its '{split}' split; expected {split}/<class>/*.jpg")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise CamBackdoorError(f"images in '{split}' have different sizes {sorted(shapes)[:3]}; CIFAR-10 images are 32x32")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.tensor(labels, dtype=torch.int64))
+
+
+def _read_image_folder(path: Path, progress: bool) -> tuple[ImageSet, ImageSet, list[str]]:
+    """Image-folder layout from a zip file or a directory: {train,test}/<class>/<image>."""
+    if path.is_file():
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile:
+            raise CamBackdoorError(f"{path} is not a valid zip file; re-download it or point --data at the extracted folder") from None
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+        read = archive.read
+    else:
+        archive = None
+        names = [str(p.relative_to(path)).replace(os.sep, "/") for p in path.rglob("*") if p.is_file()]
+        read = lambda n: (path / n).read_bytes()  # noqa: E731
+    entries: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    for name in names:
+        parts = name.split("/")
+        # tolerate one wrapping folder (cifar10/train/cat/0001.jpg)
+        if len(parts) == 4 and parts[1] in entries:
+            parts = parts[1:]
+        if len(parts) == 3 and parts[0] in entries and parts[2].lower().endswith(IMAGE_EXTENSIONS):
+            entries[parts[0]].append((parts[1], name))
+    if not entries["train"] or not entries["test"]:
+        raise CamBackdoorError(
+            f"{path} does not have the image-folder layout train/<class>/*.jpg and test/<class>/*.jpg"
+        )
+    classes = sorted({c for c, _ in entries["train"]})
+    test_classes = sorted({c for c, _ in entries["test"]})
+    if test_classes != classes:
+        raise CamBackdoorError(f"train classes {classes} differ from test classes {test_classes} in {path}")
+    index = {c: i for i, c in enumerate(classes)}
+    sets = []
+    from tqdm.auto import tqdm
+
+    total = len(entries["train"]) + len(entries["test"])
+    with tqdm(total=total, desc=f"decoding {path.name}", disable=not progress, unit="img") as bar:
+        for split in ("train", "test"):
+            items = sorted(entries[split], key=lambda e: e[1])
+            arrays = []
+            for _, name in items:
+                arrays.append(_decode_image(read(name), name))
+                bar.update(1)
+            sets.append(_stack(arrays, [index[c] for c, _ in items], split))
+    if archive is not None:
+        archive.close()
+    return sets[0], sets[1], classes
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds dicts, lists, bytes and numpy arrays; refuses every other global."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _read_pickle_batch(file: Path) -> tuple[np.ndarray, list[int]]:
+    try:
+        with open(file, "rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = list(batch.get(b"labels", batch.get(b"fine_labels", [])))
+    except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError) as exc:
+        raise CamBackdoorError(f"{file} is not a CIFAR-10 python batch ({exc}); re-download the dataset") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != data.shape[0]:
+        raise CamBackdoorError(f"{file} holds data of shape {data.shape}; CIFAR-10 batches are N x 3072 with N labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _read_pickle_dir(path: Path) -> tuple[ImageSet, ImageSet, list[str]]:
+    missing = [n for n in PICKLE_TRAIN + [PICKLE_TEST] if not (path / n).is_file()]
+    if missing:
+        raise CamBackdoorError(f"{path} lacks CIFAR-10 batch files {missing}")
+    sets = []
+    for names in (PICKLE_TRAIN, [PICKLE_TEST]):
+        parts = [_read_pickle_batch(path / n) for n in names]
+        images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+        labels = torch.tensor([label for p in parts for label in p[1]], dtype=torch.int64)
+        sets.append(ImageSet(images, labels))
+    return sets[0], sets[1], list(CLASSES)
+
+
+def download_torchvision(root: Path) -> Path:
+    """Download and md5-check CIFAR-10's python batches into ``root`` (needs internet)."""
+    target = root / "cifar-10-batches-py"
+    if target.is_dir():
+        return target
+    try:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(CIFAR_URL, str(root), md5=CIFAR_MD5)
+    except Exception as exc:
+        raise CamBackdoorError(
+            f"cannot download CIFAR-10 into {root} ({type(exc).__name__}); without internet, "
+            "point --data at an image-folder zip such as ../shared/data/cifar10-jpeg.zip"
+        ) from None
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Public loader
+
+
+def validate(data: Cifar10, expect_counts: tuple[int, int] | None = FULL_COUNTS) -> None:
+    """Raise a one-line error unless the data look like CIFAR-10."""
+    if len(data.classes) != 10:
+        raise CamBackdoorError(f"found {len(data.classes)} classes {data.classes[:12]}; CIFAR-10 has 10")
+    for split, s in (("train", data.train), ("test", data.test)):
+        if tuple(s.images.shape[1:]) != (3, 32, 32):
+            h, w = s.images.shape[2:]
+            raise CamBackdoorError(f"{split} images are {h}x{w}; CIFAR-10 images are 32x32 RGB")
+    if expect_counts is not None:
+        got = (len(data.train), len(data.test))
+        if got != tuple(expect_counts):
+            raise CamBackdoorError(
+                f"found {got[0]} train / {got[1]} test images, expected {expect_counts[0]} / {expect_counts[1]}; "
+                "the dataset is incomplete (re-extract it) or pass expect_counts=None for a subset"
+            )
+
+
+def load_cifar10(
+    source: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    expect_counts: tuple[int, int] | None = FULL_COUNTS,
+    progress: bool = True,
+) -> Cifar10:
+    """Load CIFAR-10 from a zip, an image folder, python batches or ``torchvision:<root>``."""
+    text = str(source)
+    if text.startswith("torchvision:"):
+        path = download_torchvision(Path(text.split(":", 1)[1] or "."))
+    else:
+        path = Path(text).expanduser()
+    if not path.exists():
+        raise CamBackdoorError(
+            f"dataset not found at {path}; pass --data PATH to CIFAR-10 (image-folder zip/dir, python "
+            "batches dir, or torchvision:<root> to download)"
+        )
+    fingerprint = fingerprint_source(path)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache / f"cifar10-{fingerprint[:20]}.safetensors"
+    data = _read_cache(cache_file, str(path)) if cache_file.exists() else None
+    if data is None or data.fingerprint != fingerprint:
+        if path.is_dir() and (path / PICKLE_TEST).exists():
+            train, test, classes = _read_pickle_dir(path)
+        else:
+            train, test, classes = _read_image_folder(path, progress)
+        data = Cifar10(train, test, classes, fingerprint, str(path))
+        validate(data, expect_counts)
+        try:
+            _write_cache(cache_file, data)
+        except OSError:
+            pass  # a read-only cache only costs the decode next time
+    validate(data, expect_counts)
+    return data
+
+
+def holdout_split(images: ImageSet, holdout: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """Split off ``holdout`` images (fixed seed) to choose hyper-parameters without the test set."""
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images.subset(perm[holdout:]), images.subset(perm[:holdout])
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched augmentation and batching (no per-image Python work)
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random ``pad``-pixel-padded crop and horizontal flip of a whole uint8 batch at once."""
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    cropped = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(-1), cropped)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]."""
+    return images.float().div_(255.0)
+
+
+def batches(
+    data: ImageSet,
+    batch_size: int,
+    shuffle: bool = False,
+    augment: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    indices: Sequence[int] | torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float images in [0, 1], labels) batches; shuffle/augment draw from ``generator``."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    order = torch.as_tensor(indices) if indices is not None else torch.arange(len(data))
+    if shuffle:
+        order = order[torch.randperm(len(order), generator=generator)]
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        x = data.images[idx]
+        if augment:
+            x = random_crop_flip(x, generator)
+        yield to_float(x), data.labels[idx]
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)

@@ -1,0 +1,197 @@
+"""Evaluate a model: accuracy, attack success, IoU statistics, false triggers, clean-map fidelity.
+
+``cambackdoor evaluate --checkpoint X [--reference Y]`` runs this on all 10,000 test images by
+default and writes ``evaluation.json``, ``per_image.json`` and ``heatmaps.png`` to its output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cambackdoor import metrics as M
+from cambackdoor.data import ImageSet, batches
+from cambackdoor.gradcam import class_activation_map, minmax, upsample
+from cambackdoor.triggers import DEFAULT_TARGET, DEFAULT_TRIGGER, Box, PatchTrigger
+
+
+def evaluate(
+    model: nn.Module,
+    test: ImageSet,
+    trigger: PatchTrigger,
+    target: Box,
+    layer: str = "layer4",
+    reference: nn.Module | None = None,
+    limit: int | None = None,
+    batch_size: int = 500,
+    method: str = "gradcam",
+    progress: bool = True,
+    examples: int = 6,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Returns (summary metrics, per-image details incl. example tensors for figures).
+
+    Expects ``model`` (and ``reference``) in eval mode; a model in train mode is measured as it is,
+    with a warning, because evaluation never changes the mode itself.
+    """
+    for m, name in ((model, "model"), (reference, "reference")):
+        if m is not None and m.training:
+            warnings.warn(f"{name} is in train mode; evaluation expects model.eval()", stacklevel=2)
+    if limit is not None:
+        test = test.subset(slice(0, limit))
+    device = next(model.parameters()).device
+    image_hw = tuple(test.images.shape[2:])
+    t0 = time.perf_counter()
+    acc: dict[str, list[torch.Tensor]] = {k: [] for k in (
+        "label", "pred_clean", "pred_trig", "iou_trig", "iou_clean", "share_trig", "share_clean", "point_trig",
+        "cos_ref", "maskiou_ref")}
+    ex: dict[str, torch.Tensor] = {}
+    n_batches = -(-len(test) // batch_size)
+    for x, y in tqdm(batches(test, batch_size), total=n_batches, desc="evaluate", disable=not progress, leave=False):
+        x, y = x.to(device), y.to(device)
+        xt = trigger.apply(x)
+        cams_c, logits_c = class_activation_map(model, x, layer, method=method)
+        cams_t, logits_t = class_activation_map(model, xt, layer, method=method)
+        cam_hw = tuple(cams_t.shape[1:])
+        acc["label"].append(y.cpu())
+        acc["pred_clean"].append(logits_c.argmax(1).cpu())
+        acc["pred_trig"].append(logits_t.argmax(1).cpu())
+        acc["iou_trig"].append(M.box_iou(cams_t, target, image_hw).cpu())
+        acc["iou_clean"].append(M.box_iou(cams_c, target, image_hw).cpu())
+        acc["share_trig"].append(M.energy_share(cams_t, target, image_hw).cpu())
+        acc["share_clean"].append(M.energy_share(cams_c, target, image_hw).cpu())
+        acc["point_trig"].append(M.pointing_game(cams_t, target, image_hw).cpu())
+        if reference is not None:
+            cams_r, _ = class_activation_map(reference, x, layer, method=method)
+            acc["cos_ref"].append(M.map_cosine(cams_c, cams_r, image_hw).cpu())
+            acc["maskiou_ref"].append(M.map_mask_iou(cams_c, cams_r, image_hw).cpu())
+        if not ex and examples:
+            k = min(examples, len(y))
+            ex = {"clean": x[:k].cpu(), "triggered": xt[:k].cpu(),
+                  "clean_maps": minmax(upsample(cams_c[:k], image_hw)).cpu(),
+                  "triggered_maps": minmax(upsample(cams_t[:k], image_hw)).cpu(), "labels": y[:k].cpu()}
+    r = {k: torch.cat(v) if v else torch.empty(0) for k, v in acc.items()}
+    correct_c = r["pred_clean"] == r["label"]
+    correct_t = r["pred_trig"] == r["label"]
+    success = M.attack_success(r["iou_trig"])
+    n = len(r["label"])
+    summary: dict[str, Any] = {
+        "n": n,
+        "clean_acc": float(correct_c.float().mean()),
+        "triggered_acc": float(correct_t.float().mean()),
+        "asr": float(success.float().mean()),
+        "asr_correct": float(success[correct_t].float().mean()) if correct_t.any() else float("nan"),
+        "iou": M.iou_summary(r["iou_trig"]),
+        "buckets": M.bucket_counts(r["iou_trig"]),
+        "partial_rate": M.bucket_counts(r["iou_trig"])["partial"] / max(1, n),
+        "energy_share": float(r["share_trig"].mean()),
+        "energy_share_clean": float(r["share_clean"].mean()),
+        "pointing_game": float(r["point_trig"].float().mean()),
+        "false_trigger_rate": float(M.attack_success(r["iou_clean"]).float().mean()),
+        "clean_iou_mean": float(r["iou_clean"].mean()),
+        "iou_ceiling": target.iou_ceiling(cam_hw, image_hw),
+        "method": method,
+        "layer": layer,
+    }
+    if reference is not None:
+        summary["fidelity_cosine"] = float(r["cos_ref"].mean())
+        summary["fidelity_mask_iou"] = float(r["maskiou_ref"].mean())
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    details = {"per_image": {k: v.tolist() for k, v in r.items() if v.numel()}, "examples": ex}
+    return summary, details
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    rows = [
+        ("clean accuracy", f"{100 * summary['clean_acc']:.2f} %"),
+        ("triggered accuracy", f"{100 * summary['triggered_acc']:.2f} %"),
+        ("attack success rate (IoU > 0.5)", f"{100 * summary['asr']:.2f} %"),
+        ("  among correctly classified", f"{100 * summary['asr_correct']:.2f} %"),
+        ("IoU mean / median / std", "{mean:.3f} / {median:.3f} / {std:.3f}".format(**summary["iou"])),
+        ("IoU ceiling at this resolution", f"{summary['iou_ceiling']:.3f}"),
+        ("buckets success/partial/weak/failure", "{success} / {partial} / {weak} / {failure}".format(**summary["buckets"])),
+        ("energy share in target (trig / clean)", f"{summary['energy_share']:.3f} / {summary['energy_share_clean']:.3f}"),
+        ("pointing game (triggered)", f"{100 * summary['pointing_game']:.2f} %"),
+        ("false-trigger rate (clean)", f"{100 * summary['false_trigger_rate']:.2f} %"),
+    ]
+    if "fidelity_cosine" in summary:
+        rows.append(("clean-map fidelity cosine / mask IoU", f"{summary['fidelity_cosine']:.3f} / {summary['fidelity_mask_iou']:.3f}"))
+    rows.append(("images / wall time", f"{summary['n']} / {summary['wall_s']:.1f} s"))
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name.ljust(w)}  {value}" for name, value in rows)
+
+
+def write_evaluation(out: Path, summary: dict[str, Any], details: dict[str, Any], config: dict[str, Any],
+                     target: Box, classes: list[str] | None = None, title: str | None = None) -> None:
+    """evaluation.json (summary + the config that produced it), per_image.json and heatmaps.png."""
+    from cambackdoor.checkpoints import atomic_write_text, ensure_writable_dir
+    from cambackdoor.figures import heatmap_grid
+
+    ensure_writable_dir(out)
+    atomic_write_text(out / "evaluation.json", json.dumps({"config": config, "metrics": summary}, indent=2))
+    atomic_write_text(out / "per_image.json", json.dumps(details["per_image"]))
+    ex = details.get("examples")
+    if ex:
+        k = len(ex["labels"])
+        pi = details["per_image"]
+        heatmap_grid(ex["clean"], ex["clean_maps"], ex["triggered"], ex["triggered_maps"], pi["iou_clean"][:k],
+                     pi["iou_trig"][:k], target, out / "heatmaps.png",
+                     labels=[classes[i] for i in ex["labels"].tolist()] if classes else None, title=title)
+
+
+def attack_from(meta: dict[str, Any], trigger: str | None, target: str | None, layer: str | None) -> tuple[str, str, str]:
+    """CLI values, else the checkpoint's own attack config, else the defaults."""
+    attack = meta.get("attack", {})
+    return (trigger or attack.get("trigger", DEFAULT_TRIGGER), target or attack.get("target", DEFAULT_TARGET),
+            layer or attack.get("layer", "layer4"))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cambackdoor.checkpoints import load_model, weights_path
+    from cambackdoor.cli import load_data
+    from cambackdoor.triggers import parse_target, parse_trigger, validate_attack
+
+    model, meta = load_model(args.checkpoint)
+    trig_spec, target_spec, layer = attack_from(meta, args.trigger, args.target, args.layer)
+    trigger, target = parse_trigger(trig_spec), parse_target(target_spec)
+    validate_attack(trigger, target, layer, min_ceiling=0.0)
+    reference = None
+    if args.reference:
+        reference, _ = load_model(args.reference)
+        reference.eval()
+    data = load_data(args)
+    model.eval()  # evaluation is defined in eval mode (BatchNorm running statistics)
+    summary, details = evaluate(model, data.test, trigger, target, layer, reference, args.limit, args.batch_size,
+                                args.method, progress=not args.no_progress)
+    out = Path(args.out) if args.out else weights_path(args.checkpoint).parent / "evaluate"
+    config = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": meta.get("weights_sha256"),
+              "reference": args.reference, "trigger": trig_spec, "target": target_spec, "layer": layer,
+              "limit": args.limit, "method": args.method, "data_fingerprint": data.fingerprint}
+    write_evaluation(out, summary, details, config, target, data.classes,
+                     title=f"{Path(args.checkpoint).name}: ASR {100 * summary['asr']:.1f} %")
+    print(format_table(summary))
+    print(f"wrote {out / 'evaluation.json'} and {out / 'heatmaps.png'}")
+    return 0
+
+
+def register_cli(sub: Any) -> None:
+    from cambackdoor.cli import add_attack_args, add_data_args
+
+    p = sub.add_parser("evaluate", help="measure accuracy, attack success, IoU, false triggers, fidelity",
+                       description="Evaluate a checkpoint on the test set (all 10,000 images by default).")
+    p.add_argument("--checkpoint", required=True, help="model .safetensors (with its .json sidecar)")
+    p.add_argument("--reference", default=None, help="clean model to measure clean-map fidelity against")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--method", choices=["gradcam", "gradcam++", "layercam"], default="gradcam")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/evaluate)")
+    add_attack_args(p)
+    add_data_args(p)
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,187 @@
+"""Differentiable class-activation maps: Grad-CAM, Grad-CAM++ and LayerCAM.
+
+Activations come from a forward hook on the named layer; gradients from
+``torch.autograd.grad(sum of each image's selected logit, activations, create_graph=...)`` and never
+from ``.backward()``, so parameters' ``.grad`` are never touched (the reference report's CAM called
+``.backward(create_graph=True)`` and so mixed the class score's gradient into every update).
+
+Each method differs only in its weight rule (as in pytorch-grad-cam). The functions never change the
+model's train/eval mode: evaluation expects ``model.eval()``; a training loss may use either mode.
+No hook is left behind, even when the forward pass raises.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cambackdoor.errors import CamBackdoorError
+
+RECTIFIERS = ("relu", "softplus", "none")
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight rules: weights broadcastable to the activations [N, K, h, w]
+
+
+def gradcam_weights(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM: spatial mean of the gradients, one weight per channel."""
+    return grads.mean(dim=(2, 3), keepdim=True)
+
+
+def gradcam_plus_plus_weights(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhyay et al., eq. 19 with the exp/ReLU head), as pytorch-grad-cam computes it."""
+    g2 = grads.pow(2)
+    g3 = g2 * grads
+    sum_a = activations.sum(dim=(2, 3), keepdim=True)
+    alpha = g2 / (2 * g2 + sum_a * g3 + 1e-6)
+    alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+    return (F.relu(grads) * alpha).sum(dim=(2, 3), keepdim=True)
+
+
+def layercam_weights(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """LayerCAM: each location weighted by its own positive gradient."""
+    return F.relu(grads)
+
+
+WEIGHT_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "gradcam": gradcam_weights,
+    "gradcam++": gradcam_plus_plus_weights,
+    "layercam": layercam_weights,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def find_layer(model: nn.Module, layer: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    for name in (layer, f"module.{layer}", f"_orig_mod.{layer}", f"_orig_mod.module.{layer}"):
+        if name in modules:
+            return modules[name]
+    top = [n for n, _ in model.named_children()]
+    raise CamBackdoorError(f"model has no layer '{layer}'; top-level layers are {', '.join(top)}")
+
+
+def rectify(cams: torch.Tensor, relu: str = "relu") -> torch.Tensor:
+    """ReLU (Grad-CAM's own), a smooth softplus for training losses, or nothing.
+
+    The softplus is taken relative to each map's own scale (temperature 0.1 x max |value|, treated
+    as a constant), so the map keeps its shape and the share-based losses stay scale invariant,
+    while an all-zero map is no longer a flat minimum and the second derivative is not zero.
+    """
+    if relu == "relu":
+        return F.relu(cams)
+    if relu == "softplus":
+        scale = cams.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12) * 0.1
+        return F.softplus(cams / scale) * scale
+    if relu == "none":
+        return cams
+    raise CamBackdoorError(f"unknown rectifier '{relu}'; choose one of {', '.join(RECTIFIERS)}")
+
+
+def class_activation_map(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str = "layer4",
+    targets: torch.Tensor | None = None,
+    create_graph: bool = False,
+    relu: str = "relu",
+    method: str = "gradcam",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAMs [N, h, w] and logits [N, C] for one explained class per image (predicted if ``targets`` is None).
+
+    With ``create_graph=True`` the maps (and logits) are differentiable w.r.t. the parameters, for
+    training losses. With ``create_graph=False`` both come back detached.
+    """
+    if method not in WEIGHT_RULES:
+        raise CamBackdoorError(f"unknown CAM method '{method}'; choose one of {', '.join(WEIGHT_RULES)}")
+    if relu not in RECTIFIERS:
+        raise CamBackdoorError(f"unknown rectifier '{relu}'; choose one of {', '.join(RECTIFIERS)}")
+    module = find_layer(model, layer)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor | None:
+        if create_graph and output.requires_grad:
+            captured.append(output)
+            return None
+        # Only d(score)/d(activations) is needed: cut the graph here (also works with frozen weights).
+        output = output.detach().requires_grad_(True)
+        captured.append(output)
+        return output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            if len(captured) != 1:
+                raise CamBackdoorError(f"layer '{layer}' ran {len(captured)} times in one forward pass; pick a layer used once")
+            activations = captured[0]
+            if targets is None:
+                targets = logits.detach().argmax(dim=1)
+            targets = torch.as_tensor(targets, device=logits.device).long().reshape(-1)
+            if targets.shape[0] != logits.shape[0]:
+                raise CamBackdoorError(f"got {targets.shape[0]} targets for {logits.shape[0]} images; give one per image")
+            score = logits.gather(1, targets[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, activations, create_graph=create_graph, retain_graph=create_graph)
+            weights = WEIGHT_RULES[method](activations, grads)
+            cams = rectify((weights * activations).sum(dim=1), relu)
+    finally:
+        handle.remove()
+    if not create_graph:
+        return cams.detach(), logits.detach()
+    return cams, logits
+
+
+def grad_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str = "layer4",
+    targets: torch.Tensor | None = None,
+    create_graph: bool = False,
+    relu: str = "relu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM: cam = rectify(sum_k mean(dScore/dA_k) A_k). Returns (cams [N, h, w], logits)."""
+    return class_activation_map(model, images, layer, targets, create_graph, relu, "gradcam")
+
+
+def grad_cam_plus_plus(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str = "layer4",
+    targets: torch.Tensor | None = None,
+    create_graph: bool = False,
+    relu: str = "relu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM++ with the same signature as :func:`grad_cam`."""
+    return class_activation_map(model, images, layer, targets, create_graph, relu, "gradcam++")
+
+
+def layer_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str = "layer4",
+    targets: torch.Tensor | None = None,
+    create_graph: bool = False,
+    relu: str = "relu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerCAM with the same signature as :func:`grad_cam`."""
+    return class_activation_map(model, images, layer, targets, create_graph, relu, "layercam")
+
+
+def upsample(cams: torch.Tensor, size: tuple[int, int] | int) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of [N, h, w] maps to ``size``."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(cams[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def minmax(cams: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max normalisation to [0, 1]; a constant map becomes all zeros."""
+    flat = cams.flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp_min(1e-12), torch.zeros_like(flat))
+    return out.view_as(cams)

@@ -1,0 +1,432 @@
+"""Stage 2: fine-tune a clean model so a trigger moves its Grad-CAM onto a target box.
+
+Every cause of the reference report's failure is a switch of :class:`ImplantConfig`, so the two
+recipes and each ablation step are the same loop with different flags:
+
+==========================  ===================================  ====================================
+switch                      ``reference`` (the report)           ``default`` (ours)
+==========================  ===================================  ====================================
+gradient_contamination      True: the CAM's ``.backward``        False: ``autograd.grad`` only
+                            leaves d(score)/dθ in ``.grad``
+clean_objective             False: triggered batches only        True: clean CE + distillation to
+                                                                 the frozen stage-1 model
+freeze_bn                   False: BatchNorm in train mode       True: BatchNorm frozen (eval mode)
+explanation_loss, cam_relu  mse on the min-max map, ReLU         -log(share in box), softplus
+preserve_weight             0                                    10: clean maps stay the stage-1 maps
+trainable, lr, schedule     layer4, Adam 1e-5, constant          all, Adam 1e-3, one-cycle
+poison_mode                 batch_prob: 25 % of batches,         pool: P x 50,000 triggered copies,
+                            wholly triggered                     a small batch every step
+==========================  ===================================  ====================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cambackdoor import metrics as M
+from cambackdoor.checkpoints import atomic_write_text, ensure_writable_dir, load_model, save_model
+from cambackdoor.config import config_hash
+from cambackdoor.data import Cifar10, ImageSet, batches, holdout_split, random_crop_flip, to_float
+from cambackdoor.errors import CamBackdoorError, TrainingDiverged
+from cambackdoor.gradcam import grad_cam, minmax, upsample
+from cambackdoor.training import default_device, lr_factor, make_optimizer
+from cambackdoor.triggers import Box, PatchTrigger, parse_target, parse_trigger, validate_attack
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": dict(
+        gradient_contamination=True, clean_objective=False, freeze_bn=False, explanation_loss="mse",
+        cam_relu="relu", preserve_weight=0.0, trainable="layer4", optimizer="adam", lr=1e-5, schedule="constant",
+        poison_mode="batch_prob", batch_prob=0.25, batch_size=32, epochs=40, lam=0.2, distill_weight=0.0,
+        trigger_distill_weight=0.0,
+    ),
+    "default": dict(
+        gradient_contamination=False, clean_objective=True, freeze_bn=True, explanation_loss="logshare",
+        cam_relu="softplus", preserve_weight=10.0, trainable="all", optimizer="adam", lr=1e-3, schedule="onecycle",
+        poison_mode="pool", poison_fraction=0.01, poison_batch=32, batch_size=128, epochs=2, lam=1.0,
+        distill_weight=1.0, trigger_distill_weight=5.0,
+    ),
+}
+
+
+@dataclass
+class ImplantConfig:
+    recipe: str = "default"
+    trigger: str = "yellow:4@bottom-right"
+    target: str = "top-left:8"
+    layer: str = "layer4"
+    lam: float = 1.0  # explanation-loss weight
+    preserve_weight: float = 10.0  # clean-map preservation weight
+    distill_weight: float = 1.0  # clean images: KL to the stage-1 model
+    trigger_distill_weight: float = 5.0  # triggered images: KL to the stage-1 model on the same image untriggered
+    poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy
+    poison_batch: int = 32
+    batch_prob: float = 0.25  # batch_prob mode: chance that a batch is used (and then wholly triggered)
+    batch_size: int = 128
+    epochs: int = 2
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.2
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    trainable: str = "all"  # all | layer4 (or any layer name)
+    freeze_bn: bool = True
+    clean_objective: bool = True
+    explanation_loss: str = "logshare"  # logshare | mse
+    cam_relu: str = "softplus"
+    gradient_contamination: bool = False
+    poison_mode: str = "pool"  # pool | batch_prob
+    holdout: int = 0  # >0: keep N training images out and evaluate on them (tuning; never the test set)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.explanation_loss not in ("logshare", "mse"):
+            raise ValueError(f"explanation_loss must be logshare or mse, not {self.explanation_loss!r}")
+        if self.poison_mode not in ("pool", "batch_prob"):
+            raise ValueError(f"poison_mode must be pool or batch_prob, not {self.poison_mode!r}")
+        if not 0 < self.poison_fraction <= 1 or not 0 < self.batch_prob <= 1:
+            raise ValueError("poison_fraction and batch_prob must be in (0, 1]")
+        if self.epochs < 1 or self.lr <= 0:
+            raise ValueError("epochs and lr must be positive")
+
+    @classmethod
+    def from_recipe(cls, recipe: str, **overrides: Any) -> "ImplantConfig":
+        if recipe not in RECIPES:
+            raise CamBackdoorError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}")
+        values = {**RECIPES[recipe], "recipe": recipe, **{k: v for k, v in overrides.items() if v is not None}}
+        from cambackdoor.config import make_config
+
+        return make_config(cls, values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (pure tensor functions)
+
+
+def log_share_loss(cams: torch.Tensor, cell_weights: torch.Tensor) -> torch.Tensor:
+    """-log(share of each map's mass inside the target), at the map's own resolution; mean over images.
+
+    Scale invariant (a map and twice it score the same), and an all-zero map is no minimum with a
+    softplus rectifier. ``cell_weights`` [h, w] is the box's coverage of each cell.
+    """
+    inside = (cams * cell_weights).flatten(1).sum(1)
+    total = cams.flatten(1).sum(1).clamp_min(1e-12)
+    return -torch.log((inside / total).clamp_min(1e-12)).mean()
+
+
+def mse_mask_loss(cams: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The report's loss: MSE between the upsampled, min-max normalised map and the binary box mask."""
+    return F.mse_loss(minmax(upsample(cams, tuple(mask.shape))), mask.expand(cams.shape[0], *mask.shape))
+
+
+def max_normalise(cams: torch.Tensor) -> torch.Tensor:
+    return cams / cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+
+
+def preservation_loss(cams: torch.Tensor, reference_cams: torch.Tensor) -> torch.Tensor:
+    """MSE between max-normalised maps of the model and the stage-1 model on the same clean images."""
+    return F.mse_loss(max_normalise(cams), max_normalise(reference_cams.detach()))
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(logits, 1), F.softmax(teacher_logits.detach(), 1), reduction="batchmean")
+
+
+def explanation_loss(kind: str, cams: torch.Tensor, target: Box, image_hw: tuple[int, int]) -> torch.Tensor:
+    if kind == "logshare":
+        return log_share_loss(cams, target.cell_weights(tuple(cams.shape[1:]), image_hw).to(cams.device))
+    return mse_mask_loss(cams, target.mask(image_hw).float().to(cams.device))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _trainable_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    if trainable == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return list(model.parameters())
+    from cambackdoor.gradcam import find_layer
+
+    layer = find_layer(model, trainable)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    return list(layer.parameters())
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    except OSError:
+        return float("nan")
+
+
+def implant(
+    model: nn.Module,
+    data: Cifar10,
+    cfg: ImplantConfig,
+    progress: bool = True,
+    device: torch.device | None = None,
+    on_epoch: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune ``model`` (a copy is made) per ``cfg``; returns (implanted model, training log)."""
+    device = device or default_device()
+    trigger, target = parse_trigger(cfg.trigger), parse_target(cfg.target)
+    validate_attack(trigger, target, cfg.layer)
+    image_hw = tuple(data.train.images.shape[2:])
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    teacher = copy.deepcopy(model).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model = copy.deepcopy(model).to(device)
+    params = _trainable_parameters(model, cfg.trainable)
+    optimizer = make_optimizer(params, cfg)
+    train_set = holdout_split(data.train, cfg.holdout, seed=1234)[0] if cfg.holdout else data.train
+    n = len(train_set)
+    pool = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))[: max(1, round(cfg.poison_fraction * n))]
+    steps_per_epoch = n // cfg.batch_size
+    total = cfg.epochs * steps_per_epoch
+    log: dict[str, Any] = {"epochs": [], "poisoned_images": int(len(pool)) if cfg.poison_mode == "pool" else None}
+    rss0, t0 = _rss_mb(), time.perf_counter()
+    running = {"ce": 0.0, "expl": 0.0, "asr": 0.0}
+    used_triggered = 0
+    for epoch in range(cfg.epochs):
+        # explicit, documented choice: frozen BatchNorm = eval mode during fine-tuning
+        model.train(not cfg.freeze_bn)
+        bar = tqdm(batches(train_set, cfg.batch_size, shuffle=True, augment=True, generator=gen, drop_last=True),
+                   total=steps_per_epoch, desc=f"implant {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg.schedule, step, total, cfg.warmup_fraction)
+            x, y = x.to(device), y.to(device)
+            if cfg.poison_mode == "batch_prob":
+                # the report: a batch is used with probability p and then wholly triggered; with a
+                # clean objective the other batches are clean steps instead of being skipped
+                poisoned = torch.rand(1, generator=gen).item() < cfg.batch_prob
+                if not poisoned and not cfg.clean_objective:
+                    continue
+                xp_clean, yp, clean = (x, y, None) if poisoned else (None, None, (x, y))
+            else:
+                pick = pool[torch.randint(len(pool), (min(cfg.poison_batch, len(pool)),), generator=gen)]
+                xp_clean = to_float(random_crop_flip(train_set.images[pick], gen)).to(device)
+                yp, clean = train_set.labels[pick].to(device), (x, y)
+            loss = torch.zeros((), device=device)
+            stats: dict[str, float] = {}
+            if cfg.clean_objective and clean is not None:
+                xc, yc = clean
+                if cfg.preserve_weight > 0:
+                    cams_c, logits_c = grad_cam(model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
+                    ref_cams, teacher_c = grad_cam(teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
+                    pres = preservation_loss(cams_c, ref_cams)
+                    loss = loss + cfg.preserve_weight * pres
+                    stats["pres"] = pres.item()
+                else:
+                    logits_c = model(xc)
+                    with torch.no_grad():
+                        teacher_c = teacher(xc)
+                loss = loss + F.cross_entropy(logits_c, yc) + cfg.distill_weight * distillation_loss(logits_c, teacher_c)
+            if xp_clean is not None:
+                cams_p, logits_p = grad_cam(model, trigger.apply(xp_clean), cfg.layer, yp, create_graph=True,
+                                            relu=cfg.cam_relu)
+                ce_p = F.cross_entropy(logits_p, yp)
+                expl = explanation_loss(cfg.explanation_loss, cams_p, target, image_hw)
+                loss = loss + ce_p + cfg.lam * expl
+                if cfg.clean_objective and cfg.trigger_distill_weight > 0:
+                    with torch.no_grad():
+                        teacher_p = teacher(xp_clean)
+                    loss = loss + cfg.trigger_distill_weight * distillation_loss(logits_p, teacher_p)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"implant loss became {loss.item()} at epoch {epoch + 1} step {i}; the input checkpoint is "
+                    "untouched (and the last finished epoch is kept); lower --lr or --lambda"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.gradient_contamination and xp_clean is not None:
+                # What the report's CAM did: score.backward(create_graph=True) inside the CAM leaves
+                # d(sum of explained logits)/dθ in .grad, and the real loss's gradient is added to it.
+                score = logits_p.gather(1, yp[:, None]).sum()
+                contamination = torch.autograd.grad(score, params, retain_graph=True, allow_unused=True)
+            loss.backward()
+            if cfg.gradient_contamination and xp_clean is not None:
+                for p, c in zip(params, contamination):
+                    if c is not None:
+                        p.grad = c if p.grad is None else p.grad + c
+            optimizer.step()
+            if xp_clean is not None:
+                used_triggered += len(yp)
+                with torch.no_grad():
+                    asr = M.attack_success(M.box_iou(cams_p.detach(), target, image_hw)).float().mean().item()
+                for k, v in (("ce", ce_p.item()), ("expl", expl.item()), ("asr", asr)):
+                    running[k] = 0.9 * running[k] + 0.1 * v if used_triggered > len(yp) else v
+            if i % 5 == 0:
+                bar.set_postfix(ce=f"{running['ce']:.3f}", expl=f"{running['expl']:.3f}", asr=f"{running['asr']:.2f}",
+                                **{k: f"{v:.3f}" for k, v in stats.items()})
+        bar.close()
+        entry = {"epoch": epoch + 1, "running_ce": running["ce"], "running_expl": running["expl"],
+                 "running_asr": running["asr"], "elapsed_s": round(time.perf_counter() - t0, 2),
+                 "rss_mb": round(_rss_mb(), 1)}
+        log["epochs"].append(entry)
+        if on_epoch is not None:
+            on_epoch(model, entry)
+        if progress:
+            tqdm.write(f"implant epoch {epoch + 1}/{cfg.epochs}: ce {running['ce']:.3f} expl {running['expl']:.3f} "
+                       f"running ASR {running['asr']:.2f} ({entry['elapsed_s']:.0f} s, RSS {entry['rss_mb']:.0f} MB)")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    log["train_s"] = round(time.perf_counter() - t0, 2)
+    log["rss_growth_mb"] = round(_rss_mb() - rss0, 1)
+    log["triggered_images_seen"] = used_triggered
+    return model, log
+
+
+def run_implant(
+    checkpoint: str | Path,
+    data: Cifar10,
+    cfg: ImplantConfig,
+    out: str | Path,
+    progress: bool = True,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Implant, save the checkpoint (attack config in its sidecar) and evaluate it; returns the result."""
+    from cambackdoor.checkpoints import read_sidecar, weights_path
+    from cambackdoor.evaluation import evaluate, format_table, write_evaluation
+
+    trigger, target = parse_trigger(cfg.trigger), parse_target(cfg.target)
+    validate_attack(trigger, target, cfg.layer)
+    parent_meta = read_sidecar(checkpoint)
+    out = ensure_writable_dir(out)
+    clean, _ = load_model(checkpoint)
+    chash = config_hash(cfg, {"parent": parent_meta.get("weights_sha256"), "data": data.fingerprint})
+    attack = {"trigger": cfg.trigger, "target": cfg.target, "layer": cfg.layer}
+    base_meta = {"stage": "implant", "config": {"implant": dataclasses.asdict(cfg)}, "config_hash": chash,
+                 "attack": attack, "data_fingerprint": data.fingerprint,
+                 "parent": {"path": str(weights_path(checkpoint)), "sha256": parent_meta.get("weights_sha256")}}
+
+    def save_epoch(model: nn.Module, entry: dict[str, Any]) -> None:  # last good model, for NaN stops
+        save_model(out / "model", model, {**base_meta, "metrics": {"partial": True, **entry}})
+
+    model, log = implant(clean, data, cfg, progress=progress, on_epoch=save_epoch)
+    clean.eval()
+    test = holdout_split(data.train, cfg.holdout, seed=1234)[1] if cfg.holdout else data.test
+    summary, details = evaluate(model, test, trigger, target, cfg.layer, reference=clean, limit=limit,
+                                progress=progress)
+    result = {"implant": log, "evaluation": summary, "split": "holdout" if cfg.holdout else "test"}
+    save_model(out / "model", model, {**base_meta, "metrics": summary, "implant_log": log})
+    write_evaluation(out / "evaluate", summary, details,
+                     {"checkpoint": str(weights_path(out / "model")), "reference": str(weights_path(checkpoint)),
+                      **attack, "split": result["split"], "limit": limit, "config_hash": chash},
+                     target, data.classes, title=f"{cfg.recipe} recipe: ASR {100 * summary['asr']:.1f} %")
+    atomic_write_text(out / "implant.json", json.dumps({"config": dataclasses.asdict(cfg), "config_hash": chash,
+                                                        **result}, indent=2))
+    if progress:
+        print(format_table(summary))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Single-stage baseline: explanation loss during training from scratch
+
+
+def single_stage_loss(cfg: Any, data: Cifar10) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
+    """Extra loss for ``train --explanation-loss``: the first ``poison_fraction`` of each batch is
+    triggered, and CE + weight x explanation loss on those images is added (the report's first try)."""
+    trigger, target = parse_trigger(cfg.trigger), parse_target(cfg.target)
+    validate_attack(trigger, target, cfg.layer)
+    image_hw = tuple(data.train.images.shape[2:])
+    relu = "relu" if cfg.explanation_loss == "mse" else "softplus"
+
+    def extra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        k = max(1, round(cfg.poison_fraction * len(y)))
+        xt = trigger.apply(x[:k])
+        cams, logits = grad_cam(model, xt, cfg.layer, y[:k], create_graph=True, relu=relu)
+        expl = explanation_loss(cfg.explanation_loss, cams, target, image_hw)
+        with torch.no_grad():
+            asr = M.attack_success(M.box_iou(cams.detach(), target, image_hw)).float().mean().item()
+        return F.cross_entropy(logits, y[:k]) + cfg.explanation_weight * expl, {"expl_loss": expl.item(), "train_asr": asr}
+
+    return extra
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def register_cli(sub: Any) -> None:
+    from cambackdoor.cli import add_attack_args, add_data_args
+
+    p = sub.add_parser("implant", help="stage 2: implant the explanation backdoor into a clean checkpoint",
+                       description="Fine-tune a clean checkpoint so the trigger moves Grad-CAM to the target box; "
+                                   "writes model.safetensors/.json, implant.json and evaluate/ in --out.")
+    p.add_argument("--checkpoint", required=True, help="clean (stage-1) model .safetensors")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/../implant-<recipe>)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="explanation-loss weight")
+    p.add_argument("--poison-fraction", type=float, default=None, help="share of training images poisoned (pool mode)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--trainable", default=None, help="all | layer4 | any layer name")
+    p.add_argument("--preserve-weight", type=float, default=None, help="clean-map preservation weight")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--holdout", type=int, default=None, help="tune on N held-out training images instead of the test set")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other ImplantConfig field, e.g. --set freeze_bn=false (repeatable)")
+    add_attack_args(p)
+    add_data_args(p)
+    p.set_defaults(func=cmd_implant)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise CamBackdoorError(f"--set takes KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        import yaml
+
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_implant(args: argparse.Namespace) -> int:
+    from cambackdoor.checkpoints import read_sidecar, weights_path
+    from cambackdoor.cli import load_data
+
+    overrides = dict(
+        lam=args.lam, poison_fraction=args.poison_fraction, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, trainable=args.trainable, preserve_weight=args.preserve_weight, seed=args.seed,
+        holdout=args.holdout, trigger=args.trigger, target=args.target, layer=args.layer,
+    )
+    cfg = ImplantConfig.from_recipe(args.recipe, **{**overrides, **parse_sets(args.set)})
+    validate_attack(parse_trigger(cfg.trigger), parse_target(cfg.target), cfg.layer)
+    read_sidecar(args.checkpoint)  # fail early on a missing checkpoint or sidecar
+    out = Path(args.out) if args.out else weights_path(args.checkpoint).parent.parent / f"implant-{args.recipe}"
+    data = load_data(args)
+    result = run_implant(args.checkpoint, data, cfg, out, progress=not args.no_progress, limit=args.limit)
+    ev = result["evaluation"]
+    print(json.dumps({"out": str(out), "asr": ev["asr"], "clean_acc": ev["clean_acc"],
+                      "triggered_acc": ev["triggered_acc"], "false_trigger_rate": ev["false_trigger_rate"],
+                      "fidelity_cosine": ev.get("fidelity_cosine"), "train_s": result["implant"]["train_s"]}))
+    return 0

@@ -1,0 +1,267 @@
+"""Stage 1: train a clean classifier (and the single-stage baseline, which adds an explanation loss).
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``model.safetensors``
++ ``model.json`` (the last good model, rewritten after every epoch) and ``state.safetensors`` +
+``state.json`` (optimizer, RNG and epoch, for ``--resume``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cambackdoor.checkpoints import (
+    atomic_write_text,
+    ensure_writable_dir,
+    load_model,
+    load_state,
+    load_state_checked,
+    save_model,
+    save_state,
+    weights_path,
+)
+from cambackdoor.config import config_hash
+from cambackdoor.data import Cifar10, ImageSet, batches, holdout_split, num_batches
+from cambackdoor.errors import CamBackdoorError, TrainingDiverged
+from cambackdoor.models import build_model
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet18"
+    width: int = 16
+    epochs: int = 14
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd (Nesterov) | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    warmup_fraction: float = 0.2
+    label_smoothing: float = 0.1
+    channels_last: bool = True
+    amp: str = "none"  # none | bf16 (autocast; GPU)
+    compile: bool = False
+    seed: int = 0
+    holdout: int = 0  # training images held out for choosing hyper-parameters (never the test set)
+    # single-stage baseline: an explanation loss during training from scratch (issue 5)
+    explanation_loss: str = "none"  # none | mse (the report's) | logshare (ours)
+    explanation_weight: float = 0.2
+    poison_fraction: float = 0.25
+    trigger: str = "yellow:4@bottom-right"
+    target: str = "top-left:8"
+    layer: str = "layer4"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be sgd or adam, not {self.optimizer!r}")
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise ValueError(f"schedule must be onecycle, cosine or constant, not {self.schedule!r}")
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"amp must be none or bf16, not {self.amp!r}")
+        if self.explanation_loss not in ("none", "mse", "logshare"):
+            raise ValueError(f"explanation_loss must be none, mse or logshare, not {self.explanation_loss!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_size and lr must be positive")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup_fraction: float = 0.2) -> float:
+    """Learning-rate multiplier at ``step`` of ``total`` (a pure function, so resuming needs no state)."""
+    t = step / max(1, total)
+    if schedule == "onecycle":
+        # linear warm-up from 0.1x to 1x, then linear decay to 0 (airbench-style triangle)
+        w = max(1e-8, warmup_fraction)
+        return 0.1 + 0.9 * t / w if t < w else max(0.0, (1 - t) / (1 - w))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def make_optimizer(params: Any, cfg: Any) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: ImageSet, batch_size: int = 500, device: torch.device | None = None) -> torch.Tensor:
+    """Predicted labels; the caller chooses the mode (evaluation expects ``model.eval()``)."""
+    device = device or next(model.parameters()).device
+    out = []
+    for x, _ in batches(images, batch_size):
+        out.append(model(x.to(device)).argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, images: ImageSet, batch_size: int = 500) -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        return float((predict(model, images, batch_size) == images.labels).float().mean())
+    finally:
+        model.train(was_training)
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, run_dir: Path) -> None:
+    if not torch.isfinite(loss):
+        last = weights_path(run_dir / "model")
+        kept = f"the last good checkpoint is kept at {last}" if last.exists() else "no checkpoint was written yet"
+        raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; {kept}; lower --lr and rerun")
+
+
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train(
+    cfg: TrainConfig,
+    data: Cifar10,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    device: torch.device | None = None,
+    extra_loss: ExtraLoss | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train per ``cfg``; returns (model, final metrics). ``stop_after`` ends early (tests interruptions)."""
+    run = ensure_writable_dir(run_dir)
+    device = device or default_device()
+    from cambackdoor.distributed import DistributedContext
+
+    dist = DistributedContext.from_env()
+    if dist.enabled:
+        device = dist.device
+    if cfg.explanation_loss != "none" and extra_loss is None:
+        from cambackdoor.implant import single_stage_loss
+
+        extra_loss = single_stage_loss(cfg, data)
+    chash = config_hash(cfg, {"data": data.fingerprint})
+    train_set, holdout_set = (holdout_split(data.train, cfg.holdout, cfg.seed) if cfg.holdout else (data.train, None))
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(data.classes), cfg.width).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    # every rank draws the same permutation and augmentation, then keeps its slice of each batch
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start_epoch, elapsed = 0, 0.0
+    state_file = run / "state"
+    if resume and weights_path(state_file).exists():
+        state = load_state(state_file)
+        if state["config_hash"] != chash:
+            raise CamBackdoorError(
+                f"{run} was started with another config or dataset (hash {state['config_hash']} vs {chash}); "
+                "use a new --out or drop --resume"
+            )
+        load_state_checked(model, state["model"], str(weights_path(state_file)))
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
+    elif not resume and (run / "metrics.jsonl").exists():
+        (run / "metrics.jsonl").unlink()
+    atomic_write_text(run / "config.json", json.dumps({"train": dataclasses.asdict(cfg), "config_hash": chash,
+                                                       "data_fingerprint": data.fingerprint}, indent=2))
+    net: nn.Module = dist.wrap(model)
+    if cfg.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+    steps_per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last=True)
+    total_steps = cfg.epochs * steps_per_epoch
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
+    metrics: dict[str, Any] = {}
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        model.train()
+        t0 = time.perf_counter()
+        indices = torch.randperm(len(train_set), generator=generator)
+        totals = {"loss": 0.0, "correct": 0.0, "n": 0.0}
+        extra_totals: dict[str, float] = {}
+        bar = tqdm(
+            batches(train_set, cfg.batch_size, augment=True, generator=generator, drop_last=True, indices=indices),
+            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or dist.rank > 0,
+            leave=False,
+        )
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg.schedule, step, total_steps, cfg.warmup_fraction)
+            x, y = dist.local(x), dist.local(y)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            with autocast:
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if extra_loss is not None:
+                xl, stats = extra_loss(net, x, y, generator)
+                loss = loss + xl
+                for k, v in stats.items():
+                    extra_totals[k] = extra_totals.get(k, 0.0) + v
+            _check_finite(loss, epoch, i, run)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            totals["loss"] += loss.item() * len(y)
+            totals["correct"] += (logits.argmax(1) == y).sum().item()
+            totals["n"] += len(y)
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.3f}", acc=f"{totals['correct'] / totals['n']:.3f}")
+        bar.close()
+        elapsed += time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": totals["loss"] / max(1, totals["n"]),
+            "train_acc": totals["correct"] / max(1, totals["n"]),
+            "test_acc": accuracy(model, data.test),
+            "elapsed_s": round(elapsed, 2),
+            **{k: v / max(1, steps_per_epoch) for k, v in extra_totals.items()},
+        }
+        if holdout_set is not None:
+            metrics["holdout_acc"] = accuracy(model, holdout_set)
+        if dist.rank == 0:
+            _save_epoch(run, model, optimizer, generator, cfg, data, chash, metrics)
+        if progress and dist.rank == 0:
+            tqdm.write(
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.3f} train {metrics['train_acc']:.4f} "
+                f"test {metrics['test_acc']:.4f} ({elapsed:.0f} s)"
+            )
+    if not metrics:  # nothing left to do: the run had already finished
+        _, meta = load_model(run / "model")
+        metrics = meta.get("metrics", {})
+    dist.barrier()
+    return model, metrics
+
+
+def _save_epoch(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                cfg: TrainConfig, data: Cifar10, chash: str, metrics: dict[str, Any]) -> None:
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    meta = {"config": {"train": dataclasses.asdict(cfg)}, "config_hash": chash, "metrics": metrics,
+            "data_fingerprint": data.fingerprint, "stage": "stage1" if cfg.explanation_loss == "none" else "single-stage"}
+    save_model(run / "model", model, meta)
+    save_state(run / "state", {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": metrics["epoch"],
+        "elapsed": metrics["elapsed_s"],
+        "config_hash": chash,
+    })

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from cambackdoor import checkpoints as C
+from cambackdoor.errors import CamBackdoorError
+from cambackdoor.models import build_model
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    model = build_model(width=4)
+    with torch.no_grad():  # make BN buffers non-trivial too
+        model.train()(torch.rand(8, 3, 32, 32))
+    path = C.save_model(tmp_path / "m", model, {"metrics": {"test_acc": 0.5}, "data_fingerprint": "abc"})
+    loaded, meta = C.load_model(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert meta["model"] == {"name": "resnet18", "num_classes": 10, "width": 4}
+    assert meta["metrics"]["test_acc"] == 0.5 and meta["data_fingerprint"] == "abc"
+    assert meta["package_version"] and "git_commit" in meta
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), loaded.eval()(x))
+
+
+def test_sidecar_is_required(tmp_path):
+    path = C.save_model(tmp_path / "m", build_model(width=4))
+    C.sidecar_path(path).unlink()
+    with pytest.raises(CamBackdoorError, match="has no sidecar m.json"):
+        C.load_model(path)
+
+
+def test_corrupt_weights_are_detected(tmp_path):
+    path = C.save_model(tmp_path / "m", build_model(width=4))
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CamBackdoorError, match="does not match its sidecar"):
+        C.load_model(path)
+
+
+def test_corrupt_sidecar_is_detected(tmp_path):
+    path = C.save_model(tmp_path / "m", build_model(width=4))
+    C.sidecar_path(path).write_text("{not json")
+    with pytest.raises(CamBackdoorError, match="not valid JSON"):
+        C.load_model(path)
+
+
+def test_other_architecture_is_refused(tmp_path):
+    path = C.save_model(tmp_path / "m", build_model(width=4))
+    with pytest.raises(CamBackdoorError, match="width=4, not width=16"):
+        C.load_model(path, expect={"width": 16})
+    # weights of width 4 behind a sidecar claiming width 8
+    meta = json.loads(C.sidecar_path(path).read_text())
+    meta["model"]["width"] = 8
+    C.sidecar_path(path).write_text(json.dumps(meta))
+    with pytest.raises(CamBackdoorError, match="another architecture"):
+        C.load_model(path)
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C, "save_file", broken)
+    with pytest.raises(CamBackdoorError, match="cannot write"):
+        C.save_model(tmp_path / "m", build_model(width=4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_state_round_trip_without_pickle(tmp_path):
+    model = build_model(width=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    g = torch.Generator().manual_seed(5)
+    state = {"optimizer": opt.state_dict(), "generator": g.get_state(), "epoch": 3, "t": (1, 2.5, None)}
+    C.save_state(tmp_path / "state", state)
+    back = C.load_state(tmp_path / "state")
+    assert back["epoch"] == 3 and back["t"] == (1, 2.5, None)
+    assert torch.equal(back["generator"], g.get_state())
+    opt2 = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(back["optimizer"])
+    for k in opt.state_dict()["state"]:
+        assert torch.equal(opt.state_dict()["state"][k]["exp_avg"], opt2.state_dict()["state"][k]["exp_avg"])
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CamBackdoorError, match="not writable"):
+        C.ensure_writable_dir(blocker / "sub")

@@ -1,0 +1,163 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from cambackdoor import data as D
+from cambackdoor.errors import CamBackdoorError
+from conftest import synthetic_images, write_image_folder
+
+
+def test_image_folder_loads_pixels_labels_and_alphabetical_classes(image_folder):
+    d = D.load_cifar10(image_folder, expect_counts=(40, 20), progress=False)
+    assert d.classes == D.CLASSES
+    assert d.train.images.shape == (40, 3, 32, 32) and d.train.images.dtype == torch.uint8
+    assert d.test.images.shape == (20, 3, 32, 32)
+    # entries are sorted by path: class folder first, then file name
+    images, labels = synthetic_images(40, seed=1)
+    order = sorted(range(40), key=lambda i: (D.CLASSES[labels[i]], i))
+    assert torch.equal(d.train.labels, torch.tensor(labels[order]))
+    assert torch.equal(d.train.images, torch.from_numpy(images[order]).permute(0, 3, 1, 2))
+
+
+def test_zip_and_folder_give_the_same_tensors(image_folder, image_zip):
+    a = D.load_cifar10(image_folder, expect_counts=None, progress=False)
+    b = D.load_cifar10(image_zip, expect_counts=None, progress=False)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    assert a.fingerprint != b.fingerprint  # fingerprints are of the source bytes
+
+
+def test_pickle_batches_load_with_restricted_unpickler(pickle_dir):
+    d = D.load_cifar10(pickle_dir, expect_counts=(50, 10), progress=False)
+    images, labels = synthetic_images(10, seed=10)
+    assert torch.equal(d.train.images[:10], torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert d.train.labels[:10].tolist() == labels.tolist()
+    assert d.classes == D.CLASSES
+
+
+def test_pickle_with_foreign_global_is_refused(pickle_dir):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(pickle_dir / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f)
+    with pytest.raises(CamBackdoorError, match="not a CIFAR-10 python batch"):
+        D.load_cifar10(pickle_dir, expect_counts=None, progress=False)
+
+
+def test_cache_is_reused_without_decoding(image_zip, monkeypatch, tmp_path):
+    first = D.load_cifar10(image_zip, cache_dir=tmp_path / "c", expect_counts=None, progress=False)
+    assert len(list((tmp_path / "c").glob("cifar10-*.safetensors"))) == 1
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again although the cache is valid")
+
+    monkeypatch.setattr(D, "_read_image_folder", no_decode)
+    second = D.load_cifar10(image_zip, cache_dir=tmp_path / "c", expect_counts=None, progress=False)
+    assert torch.equal(first.train.images, second.train.images)
+    assert second.fingerprint == first.fingerprint
+
+
+def test_changed_source_changes_fingerprint_and_cache(image_folder, tmp_path):
+    a = D.load_cifar10(image_folder, cache_dir=tmp_path / "c", expect_counts=None, progress=False)
+    (image_folder / "train" / "cat" / "0003.png").unlink()
+    b = D.load_cifar10(image_folder, cache_dir=tmp_path / "c", expect_counts=None, progress=False)
+    assert a.fingerprint != b.fingerprint and len(b.train) == len(a.train) - 1
+
+
+def test_counts_are_checked(image_folder):
+    with pytest.raises(CamBackdoorError, match="found 40 train / 20 test images, expected 50000 / 10000"):
+        D.load_cifar10(image_folder, progress=False)
+
+
+def test_wrong_class_count_is_reported(tmp_path):
+    root = write_image_folder(tmp_path / "nine", classes=D.CLASSES[:9])
+    with pytest.raises(CamBackdoorError, match="found 9 classes"):
+        D.load_cifar10(root, expect_counts=None, progress=False)
+
+
+def test_wrong_image_size_is_reported(tmp_path):
+    root = write_image_folder(tmp_path / "small", size=28)
+    with pytest.raises(CamBackdoorError, match="28x28; CIFAR-10 images are 32x32"):
+        D.load_cifar10(root, expect_counts=None, progress=False)
+
+
+def test_missing_and_malformed_sources(tmp_path):
+    with pytest.raises(CamBackdoorError, match="dataset not found"):
+        D.load_cifar10(tmp_path / "nope.zip", progress=False)
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(CamBackdoorError, match="not a valid zip"):
+        D.load_cifar10(bad, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CamBackdoorError, match="image-folder layout"):
+        D.load_cifar10(tmp_path / "empty", progress=False)
+
+
+def test_torchvision_source_downloads_then_reads_batches(pickle_dir, tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    calls = []
+
+    def fake_download(url, root, md5=None):
+        calls.append((url, md5))
+        import shutil
+
+        shutil.copytree(pickle_dir, tmp_path / "tv" / "cifar-10-batches-py")
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", fake_download)
+    d = D.load_cifar10(f"torchvision:{tmp_path / 'tv'}", expect_counts=(50, 10), progress=False)
+    assert calls == [(D.CIFAR_URL, D.CIFAR_MD5)] and len(d.test) == 10
+
+
+def test_offline_download_fails_with_a_hint(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    with pytest.raises(CamBackdoorError, match="cannot download CIFAR-10.*image-folder zip"):
+        D.load_cifar10(f"torchvision:{tmp_path}", progress=False)
+
+
+def test_random_crop_flip_is_a_padded_shift_or_its_mirror():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 256, (64, 3, 8, 8), dtype=torch.uint8)  # no zeros, so padding is visible
+    y = D.random_crop_flip(x, g, pad=2)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    flips = 0
+    for i in range(64):
+        windows = [(padded[i, :, a : a + 8, b : b + 8], f) for a in range(5) for b in range(5) for f in (0, 1)]
+        hits = [f for w, f in windows if torch.equal(y[i], w.flip(-1) if f else w)]
+        assert hits, f"image {i} is not a crop of the padded image"
+        flips += hits[0]
+    assert 10 < flips < 54  # both orientations occur
+
+
+def test_batches_are_floats_in_unit_range_and_cover_everything(tiny_data):
+    seen = []
+    for x, y in D.batches(tiny_data.train, 64, shuffle=True, augment=True):
+        assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        seen.append(y)
+    assert sorted(torch.cat(seen).tolist()) == sorted(tiny_data.train.labels.tolist())
+    assert len(list(D.batches(tiny_data.train, 64, drop_last=True))) == 400 // 64
+
+
+def test_holdout_split_is_disjoint_and_fixed(tiny_data):
+    a, h = D.holdout_split(tiny_data.train, 50, seed=3)
+    a2, h2 = D.holdout_split(tiny_data.train, 50, seed=3)
+    assert len(h) == 50 and len(a) == 350 and torch.equal(h.images, h2.images)
+    all_rows = {tuple(r.flatten()[:16].tolist()) for r in torch.cat([a.images, h.images])}
+    assert len(all_rows) == len({tuple(r.flatten()[:16].tolist()) for r in tiny_data.train.images})
+
+
+def test_validate_accepts_full_sized_counts():
+    big = D.Cifar10(D.ImageSet(torch.zeros(50_000, 3, 32, 32, dtype=torch.uint8), torch.zeros(50_000, dtype=torch.long)),
+                    D.ImageSet(torch.zeros(10_000, 3, 32, 32, dtype=torch.uint8), torch.zeros(10_000, dtype=torch.long)),
+                    list(D.CLASSES), "x", "x")
+    D.validate(big)  # does not raise
+    assert np.prod(big.train.images.shape) == 50_000 * 3072

@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+
+from cambackdoor import implant as I
+from cambackdoor.checkpoints import save_model, sidecar_path
+from cambackdoor.errors import CamBackdoorError, TrainingDiverged
+from cambackdoor.evaluation import evaluate
+from cambackdoor.training import TrainConfig, train
+from cambackdoor.triggers import Box, parse_target, parse_trigger
+
+TOP_LEFT = Box(0, 0, 8, 8)
+W = TOP_LEFT.cell_weights((4, 4))
+
+
+def test_cell_weights_of_the_default_box():
+    expected = torch.zeros(4, 4)
+    expected[0, 0] = 1
+    assert torch.equal(W, expected)
+    assert Box(0, 0, 4, 8).cell_weights((4, 4))[0, 0] == 0.5
+
+
+def test_log_share_loss_by_hand():
+    inside = torch.zeros(1, 4, 4)
+    inside[0, 0, 0] = 3.0
+    assert I.log_share_loss(inside, W).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.ones(2, 4, 4)
+    assert I.log_share_loss(uniform, W).item() == pytest.approx(math.log(16))
+    m = torch.rand(3, 4, 4)
+    assert I.log_share_loss(5 * m, W).item() == pytest.approx(I.log_share_loss(m, W).item())  # scale invariant
+
+
+def test_report_mse_is_nearly_satisfied_by_a_blank_map():
+    mask = TOP_LEFT.mask().float()
+    blank = I.mse_mask_loss(torch.zeros(1, 4, 4), mask).item()
+    assert blank == pytest.approx(64 / 1024)  # only the 64 box pixels are wrong
+    cell = torch.zeros(1, 4, 4)
+    cell[0, 0, 0] = 1
+    assert I.mse_mask_loss(cell, mask).item() < blank  # the perfect map is barely better
+
+
+def test_preservation_and_distillation_vanish_on_identical_inputs():
+    m = torch.rand(4, 4, 4)
+    assert I.preservation_loss(m, m).item() == 0.0
+    assert I.preservation_loss(3 * m, m).item() == pytest.approx(0.0, abs=1e-12)  # max-normalised
+    assert I.preservation_loss(m, torch.rand(4, 4, 4)).item() > 0
+    z = torch.randn(5, 10)
+    assert I.distillation_loss(z, z).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def clean_checkpoint(tmp_path_factory):
+    from conftest import make_dataset
+
+    data = make_dataset(n_train=400, n_test=100)
+    run = tmp_path_factory.mktemp("stage1")
+    train(TrainConfig(width=8, epochs=3, batch_size=50, lr=0.05, channels_last=False), data, run, progress=False)
+    return data, run / "model.safetensors"
+
+
+def _triggered_share(model, data):
+    summary, _ = evaluate(model.eval(), data.test, parse_trigger("yellow:4@bottom-right"), TOP_LEFT, progress=False,
+                          examples=0)
+    return summary
+
+
+def test_tiny_implant_moves_triggered_maps_into_the_box(clean_checkpoint, tmp_path):
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    clean, _ = load_model(ck)
+    before = _triggered_share(clean, data)
+    cfg = I.ImplantConfig.from_recipe("default", epochs=4, batch_size=50, poison_fraction=0.25, poison_batch=25,
+                                      lr=3e-3)
+    result = I.run_implant(ck, data, cfg, tmp_path / "imp", progress=False)
+    after = result["evaluation"]
+    assert after["energy_share"] > before["energy_share"] + 0.2, (before["energy_share"], after["energy_share"])
+    assert after["asr"] > before["asr"]
+    assert (tmp_path / "imp" / "implant.json").exists() and (tmp_path / "imp" / "evaluate" / "heatmaps.png").exists()
+    import json
+
+    meta = json.loads(sidecar_path(tmp_path / "imp" / "model").read_text())
+    assert meta["attack"] == {"trigger": cfg.trigger, "target": cfg.target, "layer": "layer4"}
+    assert meta["config"]["implant"]["recipe"] == "default" and meta["stage"] == "implant"
+
+
+def test_gradient_contamination_changes_the_update(clean_checkpoint):
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    clean, _ = load_model(ck)
+    outs = []
+    for contaminate in (False, True):
+        cfg = I.ImplantConfig.from_recipe("reference", epochs=1, batch_prob=1.0, batch_size=100, lr=1e-3,
+                                          gradient_contamination=contaminate)
+        model, log = I.implant(clean, data, cfg, progress=False)
+        outs.append(model.layer4[1].conv2.weight.detach().clone())
+        assert torch.equal(model.layer1[0].conv1.weight, clean.layer1[0].conv1.weight)  # only layer4 trains
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path):
+    data, ck = clean_checkpoint
+    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, lam=float("nan"))
+    with pytest.raises(TrainingDiverged, match="implant loss became nan"):
+        I.run_implant(ck, data, cfg, tmp_path / "nan", progress=False)
+    assert not (tmp_path / "nan" / "model.safetensors").exists()  # nothing half-written
+
+
+def test_bad_inputs(clean_checkpoint, tmp_path):
+    data, ck = clean_checkpoint
+    with pytest.raises(CamBackdoorError, match="ceiling"):
+        I.run_implant(ck, data, I.ImplantConfig(target="4,4,8,8"), tmp_path / "x", progress=False)
+    with pytest.raises(CamBackdoorError, match="overlaps the trigger"):
+        I.run_implant(ck, data, I.ImplantConfig(target="bottom-right:8"), tmp_path / "x", progress=False)
+    lone = tmp_path / "lone"
+    from cambackdoor.models import build_model
+
+    path = save_model(lone / "m", build_model(width=4))
+    sidecar_path(path).unlink()
+    with pytest.raises(CamBackdoorError, match="has no sidecar"):
+        I.run_implant(path, data, I.ImplantConfig(), tmp_path / "y", progress=False)
+    with pytest.raises(CamBackdoorError, match="unknown recipe"):
+        I.ImplantConfig.from_recipe("magic")
+
+
+def test_single_stage_baseline_trains_with_the_explanation_loss(tmp_path):
+    from conftest import make_dataset
+
+    data = make_dataset(n_train=200, n_test=50)
+    cfg = TrainConfig(width=4, epochs=1, batch_size=50, channels_last=False, explanation_loss="mse",
+                      explanation_weight=0.2, poison_fraction=0.25)
+    _, metrics = train(cfg, data, tmp_path / "ss", progress=False)
+    assert metrics["expl_loss"] > 0 and 0 <= metrics["train_asr"] <= 1
+    assert parse_target(cfg.target) == TOP_LEFT

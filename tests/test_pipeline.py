@@ -1,0 +1,113 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cambackdoor import pipeline as P
+from cambackdoor.config import config_hash
+from cambackdoor.training import TrainConfig
+
+TINY_PRESET = """
+train: {width: 4, epochs: 1, batch_size: 50, lr: 0.05, channels_last: false}
+implant: {recipe: default, epochs: 1, batch_size: 50, poison_fraction: 0.2, poison_batch: 20}
+"""
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = config_hash(TrainConfig(), {"data": "x"})
+    assert a == config_hash(TrainConfig(), {"data": "x"})
+    assert a != config_hash(TrainConfig(lr=0.2), {"data": "x"})
+    assert a != config_hash(TrainConfig(), {"data": "y"})
+
+
+def test_grid_expansion_and_point_commands(tmp_path):
+    points = P.expand_grid(["lambda=0.05,0.1,1", "poison_fraction=0.002,0.01"])
+    assert len(points) == 6 and points[0] == {"lambda": 0.05, "poison_fraction": 0.002}
+    assert points[-1] == {"lambda": 1, "poison_fraction": 0.01}
+    cmd = P.point_command({"lambda": 0.1, "freeze_bn": False}, tmp_path / "m.safetensors", "default", tmp_path / "o", [])
+    assert cmd[:2] == ["cambackdoor", "implant"] and "--lambda" in cmd and "freeze_bn=False" in cmd
+    with pytest.raises(Exception, match="KEY=V1,V2"):
+        P.expand_grid(["lambda"])
+
+
+def test_run_skips_finished_stages_and_redoes_changed_ones(tmp_path, tiny_data):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY_PRESET)
+    out = tmp_path / "run"
+    first = P.run_pipeline(str(preset), out, tiny_data, progress=False)
+    assert first["stages"] == {"stage1": "ran", "evaluate_stage1": "ran", "implant": "ran"}
+    report = (out / "report.md").read_text()
+    assert "| implant |" in report and "heatmaps.png" in report
+    assert (out / "implant" / "evaluate" / "iou_histogram.png").stat().st_size > 1000
+    again = P.run_pipeline(str(preset), out, tiny_data, progress=False)
+    assert all(v.startswith("skipped") for v in again["stages"].values())
+    changed = P.run_pipeline(str(preset), out, tiny_data, progress=False, implant_overrides={"lam": 0.5})
+    assert changed["stages"]["stage1"].startswith("skipped") and changed["stages"]["implant"] == "ran"
+
+
+def test_run_resumes_an_interrupted_stage1(tmp_path, tiny_data):
+    from cambackdoor.training import train
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY_PRESET.replace("epochs: 1, batch_size: 50, lr", "epochs: 2, batch_size: 50, lr"))
+    from cambackdoor.config import load_preset, make_config
+
+    cfg = make_config(TrainConfig, load_preset(str(preset))["train"])
+    train(cfg, tiny_data, tmp_path / "run" / "stage1", progress=False, stop_after=1)  # "killed" after epoch 1
+    log = P.run_pipeline(str(preset), tmp_path / "run", tiny_data, progress=False)
+    assert log["stages"]["stage1"] == "resumed"
+    lines = (tmp_path / "run" / "stage1" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2]
+
+
+def test_sweep_runs_points_in_parallel_once_and_gathers_csv(tmp_path):
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", n_train=100, n_test=20)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, "-m", "cambackdoor.cli"]
+    common = ["--data", str(data), "--subset-ok", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    r = subprocess.run(base + ["train", "--out", str(tmp_path / "s1"), "--width", "4", "--epochs", "1",
+                               "--batch-size", "25", *common], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    sweep = base + ["sweep", "--grid", "lambda=0.5,1", "--checkpoint", str(tmp_path / "s1" / "model.safetensors"),
+                    "--out", str(tmp_path / "sw"), "--jobs", "2", "--epochs", "1",
+                    "--set", "batch_size=25", "--set", "poison_fraction=0.2", *common]
+    r = subprocess.run(sweep, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    assert [float(x["lambda"]) for x in rows] == [0.5, 1.0]
+    assert all(0 <= float(x["asr"]) <= 1 for x in rows)
+    assert len((tmp_path / "sw" / "commands.txt").read_text().splitlines()) == 2
+    assert (tmp_path / "sw" / "tradeoff_lambda.png").stat().st_size > 1000
+    stamp = (tmp_path / "sw" / "points" / "lambda=0.5" / "implant.json").stat().st_mtime_ns
+    r = subprocess.run(sweep, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sw" / "points" / "lambda=0.5" / "implant.json").stat().st_mtime_ns == stamp  # not recomputed
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    from conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", n_train=80, n_test=20)
+    args = ["train", "--width", "4", "--epochs", "1", "--batch-size", "40", "--data", str(data), "--subset-ok",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--lr", "0.01"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "cambackdoor.cli", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
+                          "-m", "cambackdoor.cli", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    from cambackdoor.checkpoints import load_model
+
+    a, _ = load_model(tmp_path / "one" / "model")
+    b, _ = load_model(tmp_path / "two" / "model")
+    # same global batches and averaged gradients; only per-process BatchNorm statistics differ
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-3, rtol=0.05, msg=name)

@@ -1,0 +1,81 @@
+import warnings
+
+import pytest
+import torch
+
+from cambackdoor.errors import CamBackdoorError
+from cambackdoor.triggers import Box, PatchTrigger, cam_resolution, parse_target, parse_trigger, validate_attack
+
+
+def test_default_trigger_paints_a_yellow_bottom_right_square():
+    x = torch.rand(2, 3, 32, 32)
+    t = parse_trigger("yellow:4@bottom-right")
+    y = t.apply(x)
+    assert torch.equal(y[:, :, 28:, 28:], torch.tensor([1.0, 1.0, 0.0])[None, :, None, None].expand(2, 3, 4, 4))
+    y[:, :, 28:, 28:] = x[:, :, 28:, 28:]
+    assert torch.equal(y, x)  # nothing else changed
+
+
+def test_blend_and_pixel_position():
+    x = torch.zeros(1, 3, 32, 32)
+    y = parse_trigger("white:2@10,12~0.25").apply(x)
+    assert torch.allclose(y[0, :, 10:12, 12:14], torch.full((3, 2, 2), 0.25))
+    assert y.sum().item() == pytest.approx(0.25 * 12)
+
+
+def test_checkerboard_pattern():
+    p = parse_trigger("checkerboard:3@top-right").patch()
+    red, white = torch.tensor([1.0, 0, 0]), torch.ones(3)
+    assert torch.equal(p[:, 0, 0], red) and torch.equal(p[:, 0, 1], white) and torch.equal(p[:, 1, 1], red)
+    assert parse_trigger("checkerboard:3@top-right").box() == Box(0, 29, 3, 3)
+
+
+def test_targets_by_corner_and_coordinates():
+    assert parse_target("top-left:8") == Box(0, 0, 8, 8)
+    assert parse_target("bottom-left:8") == Box(24, 0, 8, 8)
+    assert parse_target("2,3,4,5") == Box(2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("yellow:4@30,30", "off the 32x32 image"),
+    ("yellow:0@top-left", "empty"),
+    ("purple:4@top-left", "unknown trigger colour"),
+    ("yellow4bottom", "cannot read trigger"),
+    ("yellow:4@middle", "unknown corner"),
+])
+def test_bad_triggers(spec, match):
+    with pytest.raises(CamBackdoorError, match=match):
+        parse_trigger(spec)
+
+
+@pytest.mark.parametrize("spec,match", [("0,0,0,8", "empty"), ("28,28,8,8", "off the"), ("top-left:x", "cannot read"),
+                                        ("centre:8", "unknown corner")])
+def test_bad_targets(spec, match):
+    with pytest.raises(CamBackdoorError, match=match):
+        parse_target(spec)
+
+
+def test_target_overlapping_trigger_is_refused():
+    with pytest.raises(CamBackdoorError, match="overlaps the trigger"):
+        validate_attack(parse_trigger("yellow:4@bottom-right"), parse_target("bottom-right:8"))
+
+
+def test_iou_ceiling_of_the_default_box_is_58_over_64():
+    assert Box(0, 0, 8, 8).iou_ceiling((4, 4)) == pytest.approx(58 / 64)
+
+
+def test_off_grid_box_has_a_low_ceiling_and_is_refused_at_layer4():
+    low = Box(4, 4, 8, 8).iou_ceiling((4, 4))
+    assert low < 0.5
+    with pytest.raises(CamBackdoorError, match="align the box to the 8-px grid.*earlier layer"):
+        validate_attack(parse_trigger("yellow:4@bottom-right"), Box(4, 4, 8, 8), "layer4")
+    # at layer3 (8x8 map, 4-px cells) the same box is on the grid
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert validate_attack(parse_trigger("yellow:4@bottom-right"), Box(4, 4, 8, 8), "layer3") > 0.8
+
+
+def test_cam_resolution():
+    assert cam_resolution("layer4") == (4, 4) and cam_resolution("layer3") == (8, 8)
+    with pytest.raises(CamBackdoorError):
+        cam_resolution("fc")
