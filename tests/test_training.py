@@ -11,19 +11,19 @@ TINY = dict(width=4, epochs=2, batch_size=50, lr=0.05, channels_last=False, labe
 
 
 def test_tiny_training_learns_and_logs(tiny_data, tmp_path):
-    cfg = TrainConfig(**TINY)
+    cfg = TrainConfig(**{**TINY, "width": 8, "batch_size": 25})
     model, metrics = train(cfg, tiny_data, tmp_path / "run", progress=False)
     lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     assert metrics["test_acc"] > 0.5  # classes differ by mean colour: far above chance (0.1)
     loaded, meta = load_model(tmp_path / "run" / "model")
-    assert meta["config"]["train"]["width"] == 4 and meta["metrics"]["epoch"] == 2
+    assert meta["config"]["train"]["width"] == 8 and meta["metrics"]["epoch"] == 2
     assert meta["data_fingerprint"] == tiny_data.fingerprint
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 2
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path):
-    cfg = TrainConfig(**TINY, optimizer="adam", lr=3e-3)
+    cfg = TrainConfig(**{**TINY, "optimizer": "adam", "lr": 3e-3})
     full, _ = train(cfg, tiny_data, tmp_path / "full", progress=False)
     train(cfg, tiny_data, tmp_path / "cut", progress=False, stop_after=1)
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 1

@@ -196,6 +196,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles store bytes; harmless
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201

@@ -52,9 +52,12 @@ def evaluate(
     acc: dict[str, list[torch.Tensor]] = {k: [] for k in (
         "label", "pred_clean", "pred_trig", "iou_trig", "iou_clean", "share_trig", "share_clean", "point_trig",
         "cos_ref", "maskiou_ref")}
-    ex: dict[str, torch.Tensor] = {}
+    ex: dict[str, list[torch.Tensor]] = {k: [] for k in ("clean", "triggered", "clean_maps", "triggered_maps", "labels")}
+    # examples evenly spread over the (class-sorted) test set, so the figure shows several classes
+    example_idx = torch.linspace(0, len(test) - 1, examples).round().long() if examples else torch.empty(0).long()
     n_batches = -(-len(test) // batch_size)
-    for x, y in tqdm(batches(test, batch_size), total=n_batches, desc="evaluate", disable=not progress, leave=False):
+    for b, (x, y) in enumerate(tqdm(batches(test, batch_size), total=n_batches, desc="evaluate",
+                                    disable=not progress, leave=False)):
         x, y = x.to(device), y.to(device)
         xt = trigger.apply(x)
         cams_c, logits_c = class_activation_map(model, x, layer, method=method)
@@ -72,11 +75,11 @@ def evaluate(
             cams_r, _ = class_activation_map(reference, x, layer, method=method)
             acc["cos_ref"].append(M.map_cosine(cams_c, cams_r, image_hw).cpu())
             acc["maskiou_ref"].append(M.map_mask_iou(cams_c, cams_r, image_hw).cpu())
-        if not ex and examples:
-            k = min(examples, len(y))
-            ex = {"clean": x[:k].cpu(), "triggered": xt[:k].cpu(),
-                  "clean_maps": minmax(upsample(cams_c[:k], image_hw)).cpu(),
-                  "triggered_maps": minmax(upsample(cams_t[:k], image_hw)).cpu(), "labels": y[:k].cpu()}
+        local = example_idx[(example_idx >= b * batch_size) & (example_idx < b * batch_size + len(y))] - b * batch_size
+        if len(local):
+            for key, value in (("clean", x), ("triggered", xt), ("clean_maps", minmax(upsample(cams_c, image_hw))),
+                               ("triggered_maps", minmax(upsample(cams_t, image_hw))), ("labels", y)):
+                ex[key].append(value[local].detach().cpu())
     r = {k: torch.cat(v) if v else torch.empty(0) for k, v in acc.items()}
     correct_c = r["pred_clean"] == r["label"]
     correct_t = r["pred_trig"] == r["label"]
@@ -104,7 +107,9 @@ def evaluate(
         summary["fidelity_cosine"] = float(r["cos_ref"].mean())
         summary["fidelity_mask_iou"] = float(r["maskiou_ref"].mean())
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
-    details = {"per_image": {k: v.tolist() for k, v in r.items() if v.numel()}, "examples": ex}
+    details = {"per_image": {k: v.tolist() for k, v in r.items() if v.numel()},
+               "examples": {k: torch.cat(v) for k, v in ex.items()} if ex["labels"] else {},
+               "example_index": example_idx.tolist()}
     return summary, details
 
 
@@ -139,10 +144,9 @@ def write_evaluation(out: Path, summary: dict[str, Any], details: dict[str, Any]
     atomic_write_text(out / "per_image.json", json.dumps(details["per_image"]))
     ex = details.get("examples")
     if ex:
-        k = len(ex["labels"])
-        pi = details["per_image"]
-        heatmap_grid(ex["clean"], ex["clean_maps"], ex["triggered"], ex["triggered_maps"], pi["iou_clean"][:k],
-                     pi["iou_trig"][:k], target, out / "heatmaps.png",
+        pi, idx = details["per_image"], details["example_index"]
+        heatmap_grid(ex["clean"], ex["clean_maps"], ex["triggered"], ex["triggered_maps"],
+                     [pi["iou_clean"][i] for i in idx], [pi["iou_trig"][i] for i in idx], target, out / "heatmaps.png",
                      labels=[classes[i] for i in ex["labels"].tolist()] if classes else None, title=title)
 
 

@@ -121,6 +121,14 @@ def accuracy(model: nn.Module, images: ImageSet, batch_size: int = 500) -> float
         model.train(was_training)
 
 
+def use_channels_last(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> bool:
+    """channels_last where it is safe: torch 2.14's CPU convolution backward corrupts the heap with
+    channels_last at small widths (< 16) or batches that are not a multiple of 8 (seen on 2 cores)."""
+    if not cfg.channels_last:
+        return False
+    return device.type == "cuda" or (cfg.width >= 16 and (cfg.batch_size // world_size) % 8 == 0)
+
+
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, run_dir: Path) -> None:
     if not torch.isfinite(loss):
         last = weights_path(run_dir / "model")
@@ -157,7 +165,7 @@ def train(
     train_set, holdout_set = (holdout_split(data.train, cfg.holdout, cfg.seed) if cfg.holdout else (data.train, None))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(data.classes), cfg.width).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if use_channels_last(cfg, device, dist.world_size) else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(model.parameters(), cfg)
     # every rank draws the same permutation and augmentation, then keeps its slice of each batch

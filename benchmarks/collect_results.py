@@ -1,0 +1,45 @@
+"""Print the markdown tables of docs/results.md from the benchmark run directories.
+
+Usage: python benchmarks/collect_results.py [runs/cpu]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def row(name: str, ev: dict, train_s: float | None, extra: str = "") -> str:
+    fid = ev.get("fidelity_cosine")
+    return (f"| {name} | {pct(ev['clean_acc'])} | {pct(ev['triggered_acc'])} | {pct(ev['asr'])} | "
+            f"{ev['iou']['mean']:.3f} / {ev['iou']['median']:.3f} / {ev['iou']['std']:.3f} | "
+            f"{pct(ev['partial_rate'])} | {pct(ev['false_trigger_rate'])} | {'-' if fid is None else f'{fid:.3f}'} | "
+            f"{'-' if train_s is None else f'{train_s:.0f} s'} |{extra}")
+
+
+def main(root: Path) -> None:
+    print("| model | clean acc | triggered acc | ASR | IoU mean / median / std | partial (0.2-0.5) | "
+          "false triggers | fidelity (cos) | stage-2 time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = root / "stage1" / "evaluate" / "evaluation.json"
+    if base.exists():
+        print(row("stage 1 (clean)", json.loads(base.read_text())["metrics"], None))
+    dirs = [root / n for n in ("implant-reference", "single-stage", "implant-default", "implant-default-pair2")]
+    dirs += sorted((root / "ablation").glob("*")) if (root / "ablation").exists() else []
+    for d in dirs:
+        f = d / "implant.json"
+        if f.exists():
+            r = json.loads(f.read_text())
+            print(row(d.name, r["evaluation"], r["implant"]["train_s"],
+                      f" <!-- rss growth {r['implant'].get('rss_growth_mb')} MB -->"))
+        elif (d / "evaluate" / "evaluation.json").exists():
+            print(row(d.name, json.loads((d / "evaluate" / "evaluation.json").read_text())["metrics"], None))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cpu"))
