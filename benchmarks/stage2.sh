@@ -11,6 +11,15 @@ timed() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name wall_s=$(
 case "${1:-all}" in
   baseline)
     timed evaluate-stage1 cambackdoor evaluate --checkpoint $CK --out $R/stage1/evaluate --no-progress ;;
+  tune)
+    # hyper-parameter choice on 5,000 held-out training images (never the test set)
+    # (the issue's probe design, lambda 1 / preservation 10 / trigger distillation 5, was first run once on the
+    # test set as designed: runs/cpu/implant-default-v0-lam1-pres10; these two runs chose the change)
+    for s in "t1-tdw1|--lambda 1 --preserve-weight 10 --set trigger_distill_weight=1" \
+             "t2-lam2-pres20|--lambda 2 --preserve-weight 20"; do
+      name=${s%%|*}; [ -f $R/tune/$name/implant.json ] && continue
+      timed tune-$name cambackdoor implant --checkpoint $CK --holdout 5000 ${s#*|} --out $R/tune/$name --no-progress
+    done ;;
   pair1)
     timed implant-default cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 \
       --out $R/implant-default --no-progress ;;
@@ -31,8 +40,8 @@ case "${1:-all}" in
       "2-correct-gradient|--set gradient_contamination=false"
       "3-clean-objective|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5"
       "4-frozen-bn|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true"
-      "5-scale-invariant-loss|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=1"
-      "6-clean-map-term|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=1 --set preserve_weight=10"
+      "5-scale-invariant-loss|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2"
+      "6-clean-map-term|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20"
     )
     for s in "${steps[@]}"; do
       name=${s%%|*}; extra=${s#*|}

@@ -115,3 +115,9 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     # instead of 200; SyncBatchNorm is GPU-only), which alone moves a random net's gradient by ~30 %.
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
     assert (a - b).norm() / a.norm() < 0.45
+
+
+def test_point_config_matches_what_the_command_line_builds():
+    cfg = P.point_config({"lambda": 0.5, "poison_fraction": 0.02}, "default", ["--epochs", "1", "--set", "freeze_bn=false"])
+    assert cfg["lam"] == 0.5 and cfg["poison_fraction"] == 0.02 and cfg["epochs"] == 1 and cfg["freeze_bn"] is False
+    assert cfg["recipe"] == "default" and cfg["preserve_weight"] == 20.0

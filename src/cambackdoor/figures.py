@@ -55,6 +55,7 @@ def heatmap_grid(
                 ax.add_patch(_box_patch(target))
             ax.set_title(name, fontsize=8)
             ax.axis("off")
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

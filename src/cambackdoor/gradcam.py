@@ -136,40 +136,32 @@ def class_activation_map(
     return cams, logits
 
 
-def grad_cam(
-    model: nn.Module,
-    images: torch.Tensor,
-    layer: str = "layer4",
-    targets: torch.Tensor | None = None,
-    create_graph: bool = False,
-    relu: str = "relu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad-CAM: cam = rectify(sum_k mean(dScore/dA_k) A_k). Returns (cams [N, h, w], logits)."""
-    return class_activation_map(model, images, layer, targets, create_graph, relu, "gradcam")
+def _cam_function(method: str, name: str, doc: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """A public CAM function: :func:`class_activation_map` with its weight rule fixed."""
+
+    def cam_function(
+        model: nn.Module,
+        images: torch.Tensor,
+        layer: str = "layer4",
+        targets: torch.Tensor | None = None,
+        create_graph: bool = False,
+        relu: str = "relu",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return class_activation_map(model, images, layer, targets, create_graph, relu, method)
+
+    cam_function.__name__ = cam_function.__qualname__ = name
+    cam_function.__doc__ = doc
+    return cam_function
 
 
-def grad_cam_plus_plus(
-    model: nn.Module,
-    images: torch.Tensor,
-    layer: str = "layer4",
-    targets: torch.Tensor | None = None,
-    create_graph: bool = False,
-    relu: str = "relu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad-CAM++ with the same signature as :func:`grad_cam`."""
-    return class_activation_map(model, images, layer, targets, create_graph, relu, "gradcam++")
-
-
-def layer_cam(
-    model: nn.Module,
-    images: torch.Tensor,
-    layer: str = "layer4",
-    targets: torch.Tensor | None = None,
-    create_graph: bool = False,
-    relu: str = "relu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerCAM with the same signature as :func:`grad_cam`."""
-    return class_activation_map(model, images, layer, targets, create_graph, relu, "layercam")
+grad_cam = _cam_function(
+    "gradcam", "grad_cam",
+    "Grad-CAM: cam = rectify(sum_k mean(dScore/dA_k) A_k). Returns (cams [N, h, w], logits [N, C]).\n\n"
+    "One explained class per image (the predicted one when ``targets`` is None); ``create_graph=True`` makes\n"
+    "the maps differentiable for training losses. Never changes train/eval mode; leaves no hook behind.",
+)
+grad_cam_plus_plus = _cam_function("gradcam++", "grad_cam_plus_plus", "Grad-CAM++ with the same signature as grad_cam.")
+layer_cam = _cam_function("layercam", "layer_cam", "LayerCAM with the same signature as grad_cam.")
 
 
 def upsample(cams: torch.Tensor, size: tuple[int, int] | int) -> torch.Tensor:

@@ -12,7 +12,7 @@ clean_objective             False: triggered batches only        True: clean CE 
                                                                  the frozen stage-1 model
 freeze_bn                   False: BatchNorm in train mode       True: BatchNorm frozen (eval mode)
 explanation_loss, cam_relu  mse on the min-max map, ReLU         -log(share in box), softplus
-preserve_weight             0                                    10: clean maps stay the stage-1 maps
+preserve_weight             0                                    20: clean maps stay the stage-1 maps
 trainable, lr, schedule     layer4, Adam 1e-5, constant          all, Adam 1e-3, one-cycle
 poison_mode                 batch_prob: 25 % of batches,         pool: P x 50,000 triggered copies,
                             wholly triggered                     a small batch every step
@@ -54,8 +54,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     ),
     "default": dict(
         gradient_contamination=False, clean_objective=True, freeze_bn=True, explanation_loss="logshare",
-        cam_relu="softplus", preserve_weight=10.0, trainable="all", optimizer="adam", lr=1e-3, schedule="onecycle",
-        poison_mode="pool", poison_fraction=0.01, poison_batch=32, batch_size=128, epochs=2, lam=1.0,
+        cam_relu="softplus", preserve_weight=20.0, trainable="all", optimizer="adam", lr=1e-3, schedule="onecycle",
+        poison_mode="pool", poison_fraction=0.01, poison_batch=32, batch_size=128, epochs=2, lam=2.0,
         distill_weight=1.0, trigger_distill_weight=5.0,
     ),
 }
@@ -67,8 +67,8 @@ class ImplantConfig:
     trigger: str = "yellow:4@bottom-right"
     target: str = "top-left:8"
     layer: str = "layer4"
-    lam: float = 1.0  # explanation-loss weight
-    preserve_weight: float = 10.0  # clean-map preservation weight
+    lam: float = 2.0  # explanation-loss weight
+    preserve_weight: float = 20.0  # clean-map preservation weight
     distill_weight: float = 1.0  # clean images: KL to the stage-1 model
     trigger_distill_weight: float = 5.0  # triggered images: KL to the stage-1 model on the same image untriggered
     poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy

@@ -142,6 +142,33 @@ def point_command(point: dict[str, Any], checkpoint: Path, recipe: str, out: Pat
     return cmd + extra
 
 
+def point_config(point: dict[str, Any], recipe: str, extra: list[str]) -> dict[str, Any]:
+    """The ImplantConfig a point's command line produces (to tell a finished point from a stale one)."""
+    import dataclasses
+
+    import yaml
+
+    from cambackdoor.implant import ImplantConfig
+
+    fields = {"lambda": "lam"}
+    values = {fields.get(k, k): v for k, v in point.items()}
+    flags = {"--epochs": "epochs", "--holdout": "holdout"}
+    for i, tok in enumerate(extra[:-1]):
+        if tok in flags:
+            values[flags[tok]] = int(extra[i + 1])
+        elif tok == "--set":
+            key, value = extra[i + 1].split("=", 1)
+            values[key] = yaml.safe_load(value)
+    return dataclasses.asdict(ImplantConfig.from_recipe(recipe, **values))
+
+
+def point_done(pdir: Path, point: dict[str, Any], recipe: str, extra: list[str]) -> bool:
+    f = pdir / "implant.json"
+    if not f.exists():
+        return False
+    return json.loads(f.read_text()).get("config") == point_config(point, recipe, extra)
+
+
 def run_sweep(grid: list[str], checkpoint: Path, out: Path, recipe: str = "default", jobs: int = 1,
               extra: list[str] | None = None, progress: bool = True) -> Path:
     """Run every grid point (skipping finished ones) as its own process; gather ``sweep.csv``."""
@@ -158,7 +185,7 @@ def run_sweep(grid: list[str], checkpoint: Path, out: Path, recipe: str = "defau
         pdir = out / "points" / point_name(p)
         cmd = point_command(p, checkpoint, recipe, pdir, extra)
         commands.append(shlex.join(cmd))
-        if not (pdir / "implant.json").exists():
+        if not point_done(pdir, p, recipe, extra):
             todo.append((p, pdir, cmd))
     atomic_write_text(out / "commands.txt", "\n".join(commands) + "\n")
     atomic_write_text(out / "sweep.json", json.dumps({"grid": grid, "recipe": recipe, "checkpoint": str(checkpoint),
