@@ -72,7 +72,7 @@ def test_tiny_implant_moves_triggered_maps_into_the_box(clean_checkpoint, tmp_pa
     clean, _ = load_model(ck)
     before = _triggered_share(clean, data)
     cfg = I.ImplantConfig.from_recipe("default", epochs=6, batch_size=50, poison_fraction=0.25, poison_batch=25,
-                                      lr=1e-2, lam=3.0)
+                                      lr=1e-2, lam=3.0, preserve_weight=10.0)
     result = I.run_implant(ck, data, cfg, tmp_path / "imp", progress=False)
     after = result["evaluation"]
     assert after["energy_share"] > before["energy_share"] + 0.3, (before["energy_share"], after["energy_share"])
