@@ -9,7 +9,7 @@ import pytest
 from cambackdoor.cli import main
 from conftest import write_image_folder
 
-SUBCOMMANDS = ["train", "evaluate", "implant"]
+SUBCOMMANDS = ["train", "evaluate", "implant", "run", "sweep", "figures"]
 
 
 def run_cli(*args):
