@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cambackdoor.errors import CamBackdoorError
-from cambackdoor.triggers import Box, PatchTrigger, cam_resolution, parse_target, parse_trigger, validate_attack
+from cambackdoor.triggers import Box, cam_resolution, parse_target, parse_trigger, validate_attack
 
 
 def test_default_trigger_paints_a_yellow_bottom_right_square():

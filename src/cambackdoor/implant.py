@@ -25,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,11 @@ from tqdm.auto import tqdm
 from cambackdoor import metrics as M
 from cambackdoor.checkpoints import atomic_write_text, ensure_writable_dir, load_model, save_model
 from cambackdoor.config import config_hash
-from cambackdoor.data import Cifar10, ImageSet, batches, holdout_split, random_crop_flip, to_float
+from cambackdoor.data import Cifar10, batches, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam, minmax, upsample
 from cambackdoor.training import default_device, lr_factor, make_optimizer
-from cambackdoor.triggers import Box, PatchTrigger, parse_target, parse_trigger, validate_attack
+from cambackdoor.triggers import Box, parse_target, parse_trigger, validate_attack
 
 RECIPES: dict[str, dict[str, Any]] = {
     "reference": dict(
@@ -192,7 +191,6 @@ def implant(
     validate_attack(trigger, target, cfg.layer)
     image_hw = tuple(data.train.images.shape[2:])
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     teacher = copy.deepcopy(model).to(device).eval()
     for p in teacher.parameters():

@@ -34,6 +34,7 @@ from cambackdoor.checkpoints import (
 )
 from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, ImageSet, batches, holdout_split, num_batches
+from cambackdoor.distributed import DistributedContext
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.models import build_model
 
@@ -152,8 +153,6 @@ def train(
     """Train per ``cfg``; returns (model, final metrics). ``stop_after`` ends early (tests interruptions)."""
     run = ensure_writable_dir(run_dir)
     device = device or default_device()
-    from cambackdoor.distributed import DistributedContext
-
     dist = DistributedContext.from_env()
     if dist.enabled:
         device = dist.device
