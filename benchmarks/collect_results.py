@@ -41,5 +41,17 @@ def main(root: Path) -> None:
             print(row(d.name, json.loads((d / "evaluate" / "evaluation.json").read_text())["metrics"], None))
 
 
+def sweeps(root: Path) -> None:
+    from cambackdoor.pipeline import _read_csv, _table
+
+    for d in sorted(root.glob("sweep-*")):
+        if (d / "sweep.csv").exists():
+            spec = json.loads((d / "sweep.json").read_text())
+            print(f"\n{d.name} ({spec['recipe']} recipe, extra flags {spec['extra'] or 'none'}):\n")
+            print("\n".join(_table(_read_csv(d / "sweep.csv"), list(spec["points"][0].keys()))))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cpu"))
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cpu")
+    main(root)
+    sweeps(root)
