@@ -96,6 +96,11 @@ def tradeoff_plot(rows: list[dict[str, Any]], x: str, path: str | os.PathLike, x
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
         if logx:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
+            ax.set_xticks(sorted({float(r[x]) for r in rows}))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.legend(fontsize=8)
     return _save(fig, path)
