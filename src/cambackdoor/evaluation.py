@@ -77,14 +77,16 @@ def evaluate(
             acc["maskiou_ref"].append(M.map_mask_iou(cams_c, cams_r, image_hw).cpu())
         local = example_idx[(example_idx >= b * batch_size) & (example_idx < b * batch_size + len(y))] - b * batch_size
         if len(local):
-            for key, value in (("clean", x), ("triggered", xt), ("clean_maps", minmax(upsample(cams_c, image_hw))),
-                               ("triggered_maps", minmax(upsample(cams_t, image_hw))), ("labels", y)):
-                ex[key].append(value[local].detach().cpu())
+            for key, value in (("clean", x[local]), ("triggered", xt[local]),
+                               ("clean_maps", minmax(upsample(cams_c[local], image_hw))),
+                               ("triggered_maps", minmax(upsample(cams_t[local], image_hw))), ("labels", y[local])):
+                ex[key].append(value.detach().cpu())
     r = {k: torch.cat(v) if v else torch.empty(0) for k, v in acc.items()}
     correct_c = r["pred_clean"] == r["label"]
     correct_t = r["pred_trig"] == r["label"]
     success = M.attack_success(r["iou_trig"])
     n = len(r["label"])
+    buckets = M.bucket_counts(r["iou_trig"])
     summary: dict[str, Any] = {
         "n": n,
         "clean_acc": float(correct_c.float().mean()),
@@ -92,8 +94,8 @@ def evaluate(
         "asr": float(success.float().mean()),
         "asr_correct": float(success[correct_t].float().mean()) if correct_t.any() else float("nan"),
         "iou": M.iou_summary(r["iou_trig"]),
-        "buckets": M.bucket_counts(r["iou_trig"]),
-        "partial_rate": M.bucket_counts(r["iou_trig"])["partial"] / max(1, n),
+        "buckets": buckets,
+        "partial_rate": buckets["partial"] / max(1, n),
         "energy_share": float(r["share_trig"].mean()),
         "energy_share_clean": float(r["share_clean"].mean()),
         "pointing_game": float(r["point_trig"].float().mean()),
