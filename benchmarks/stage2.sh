@@ -20,6 +20,15 @@ case "${1:-all}" in
       name=${s%%|*}; [ -f $R/tune/$name/implant.json ] && continue
       timed tune-$name cambackdoor implant --checkpoint $CK --holdout 5000 ${s#*|} --out $R/tune/$name --no-progress
     done ;;
+  tune2)
+    # second round, on a stage-1 model trained *without* the 5,000 held-out images (runs/tune2/stage1-holdout:
+    # cambackdoor train --preset cpu --holdout 5000), so clean accuracy is measured on images neither stage saw
+    HCK=runs/tune2/stage1-holdout/model.safetensors
+    # usage: bash benchmarks/stage2.sh tune2 "NAME|IMPLANT FLAGS" ...
+    shift; for s in "$@"; do
+      name=${s%%|*}; [ -f runs/tune2/$name/implant.json ] && continue
+      timed tune2-$name cambackdoor implant --checkpoint $HCK --holdout 5000 ${s#*|} --out runs/tune2/$name --no-progress
+    done ;;
   pair1)
     timed implant-default cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 \
       --out $R/implant-default --no-progress ;;

@@ -49,6 +49,32 @@ def test_preservation_and_distillation_vanish_on_identical_inputs():
     assert I.distillation_loss(z, z).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_clean_share_loss_only_penalises_mass_moving_into_the_target():
+    reference = torch.ones(2, 4, 4)  # share 1/16 inside the top-left cell
+    more_inside = torch.ones(2, 4, 4)
+    more_inside[:, 0, 0] = 5.0  # share 5/20 = 0.25: rise 0.25 - 0.0625
+    assert I.clean_share_loss(more_inside, reference, W).item() == pytest.approx(0.25 - 1 / 16)
+    less_inside = torch.ones(2, 4, 4)
+    less_inside[:, 0, 0] = 0.0  # mass moved out of the target: no penalty
+    assert I.clean_share_loss(less_inside, reference, W).item() == 0.0
+    assert I.clean_share_loss(3 * reference, reference, W).item() == pytest.approx(0.0, abs=1e-7)  # scale invariant
+
+
+def test_feature_distillation_is_relative_and_hooks_are_removed():
+    t = torch.full((4, 8), 2.0)
+    assert I.feature_distillation_loss(t, t).item() == 0.0
+    assert I.feature_distillation_loss(t + 1, t).item() == pytest.approx(1 / 4)  # MSE 1 over mean square 4
+    assert I.feature_distillation_loss(10 * (t + 1), 10 * t).item() == pytest.approx(1 / 4)
+    from cambackdoor.models import build_model
+
+    model = build_model("resnet18", 10, width=4).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with I.classifier_inputs(model) as feats:
+        logits = model(x)
+    assert feats[0].shape == (3, 32) and torch.allclose(model.fc(feats[0]), logits)
+    assert not model.fc._forward_hooks
+
+
 @pytest.fixture(scope="module")
 def clean_checkpoint(tmp_path_factory):
     from conftest import make_dataset

@@ -43,6 +43,9 @@ def test_run_skips_finished_stages_and_redoes_changed_ones(tmp_path, tiny_data):
     report = (out / "report.md").read_text()
     assert "| implant |" in report and "heatmaps.png" in report
     assert (out / "implant" / "evaluate" / "iou_histogram.png").stat().st_size > 1000
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"stage1", "evaluate_stage1", "implant + evaluate", "figures + report"} <= set(timings)
+    assert all(v["wall_s"] > 0 for v in timings.values()) and "| **total** |" in report
     again = P.run_pipeline(str(preset), out, tiny_data, progress=False)
     assert all(v.startswith("skipped") for v in again["stages"].values())
     changed = P.run_pipeline(str(preset), out, tiny_data, progress=False, implant_overrides={"lam": 0.5})

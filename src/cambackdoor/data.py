@@ -305,7 +305,10 @@ def load_cifar10(
     return data
 
 
-def holdout_split(images: ImageSet, holdout: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+HOLDOUT_SEED = 1234  # one split for every stage, so a tuning run never sees its held-out images
+
+
+def holdout_split(images: ImageSet, holdout: int, seed: int = HOLDOUT_SEED) -> tuple[ImageSet, ImageSet]:
     """Split off ``holdout`` images (fixed seed) to choose hyper-parameters without the test set."""
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images.subset(perm[holdout:]), images.subset(perm[:holdout])

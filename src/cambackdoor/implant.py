@@ -22,13 +22,14 @@ poison_mode                 batch_prob: 25 % of batches,         pool: P x 50,00
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,9 @@ class ImplantConfig:
     preserve_weight: float = 20.0  # clean-map preservation weight
     distill_weight: float = 1.0  # clean images: KL to the stage-1 model
     trigger_distill_weight: float = 5.0  # triggered images: KL to the stage-1 model on the same image untriggered
+    clean_share_weight: float = 0.0  # clean images: hinge on target share rising above the stage-1 model's
+    trigger_feature_weight: float = 0.0  # triggered images: pooled features (the classifier's input) kept at the
+    # stage-1 model's on the untriggered image; Grad-CAM at the last layer may move while these stay put
     poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy
     poison_batch: int = 32
     batch_prob: float = 0.25  # batch_prob mode: chance that a batch is used (and then wholly triggered)
@@ -141,8 +145,39 @@ def preservation_loss(cams: torch.Tensor, reference_cams: torch.Tensor) -> torch
     return F.mse_loss(max_normalise(cams), max_normalise(reference_cams.detach()))
 
 
+def target_share(cams: torch.Tensor, cell_weights: torch.Tensor) -> torch.Tensor:
+    """Share of each map's mass inside the target (cell weights = the box's coverage of each cell)."""
+    return (cams * cell_weights).flatten(1).sum(1) / cams.flatten(1).sum(1).clamp_min(1e-12)
+
+
+def clean_share_loss(cams: torch.Tensor, reference_cams: torch.Tensor, cell_weights: torch.Tensor) -> torch.Tensor:
+    """Mean of max(0, share_model - share_stage1) on clean images: only moving mass *into* the target
+    is penalised, which is what a false trigger is; clean maps may change elsewhere freely."""
+    rise = target_share(cams, cell_weights) - target_share(reference_cams.detach(), cell_weights)
+    return rise.clamp_min(0).mean()
+
+
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, 1), F.softmax(teacher_logits.detach(), 1), reduction="batchmean")
+
+
+def feature_distillation_loss(features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """MSE between pooled feature vectors, relative to the teacher's mean square (scale free)."""
+    teacher_features = teacher_features.detach()
+    return F.mse_loss(features, teacher_features) / teacher_features.pow(2).mean().clamp_min(1e-12)
+
+
+@contextlib.contextmanager
+def classifier_inputs(model: nn.Module, layer: str = "fc") -> Iterator[list[torch.Tensor]]:
+    """Collect the input of ``layer`` (the pooled features) on every forward pass inside the block."""
+    from cambackdoor.gradcam import find_layer
+
+    captured: list[torch.Tensor] = []
+    handle = find_layer(model, layer).register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def explanation_loss(kind: str, cams: torch.Tensor, target: Box, image_hw: tuple[int, int]) -> torch.Tensor:
@@ -198,7 +233,7 @@ def implant(
     model = copy.deepcopy(model).to(device)
     params = _trainable_parameters(model, cfg.trainable)
     optimizer = make_optimizer(params, cfg)
-    train_set = holdout_split(data.train, cfg.holdout, seed=1234)[0] if cfg.holdout else data.train
+    train_set = holdout_split(data.train, cfg.holdout)[0] if cfg.holdout else data.train
     n = len(train_set)
     pool = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))[: max(1, round(cfg.poison_fraction * n))]
     steps_per_epoch = n // cfg.batch_size
@@ -238,21 +273,29 @@ def implant(
                     pres = preservation_loss(cams_c, ref_cams)
                     loss = loss + cfg.preserve_weight * pres
                     stats["pres"] = pres.item()
+                    if cfg.clean_share_weight > 0:
+                        cells = target.cell_weights(tuple(cams_c.shape[1:]), image_hw).to(device)
+                        loss = loss + cfg.clean_share_weight * clean_share_loss(cams_c, ref_cams, cells)
                 else:
                     logits_c = model(xc)
                     with torch.no_grad():
                         teacher_c = teacher(xc)
                 loss = loss + F.cross_entropy(logits_c, yc) + cfg.distill_weight * distillation_loss(logits_c, teacher_c)
             if xp_clean is not None:
-                cams_p, logits_p = grad_cam(model, trigger.apply(xp_clean), cfg.layer, yp, create_graph=True,
-                                            relu=cfg.cam_relu)
+                with classifier_inputs(model) as feats_p:
+                    cams_p, logits_p = grad_cam(model, trigger.apply(xp_clean), cfg.layer, yp, create_graph=True,
+                                                relu=cfg.cam_relu)
                 ce_p = F.cross_entropy(logits_p, yp)
                 expl = explanation_loss(cfg.explanation_loss, cams_p, target, image_hw)
                 loss = loss + ce_p + cfg.lam * expl
-                if cfg.clean_objective and cfg.trigger_distill_weight > 0:
-                    with torch.no_grad():
+                if cfg.clean_objective and (cfg.trigger_distill_weight > 0 or cfg.trigger_feature_weight > 0):
+                    with torch.no_grad(), classifier_inputs(teacher) as teacher_feats:
                         teacher_p = teacher(xp_clean)
                     loss = loss + cfg.trigger_distill_weight * distillation_loss(logits_p, teacher_p)
+                    if cfg.trigger_feature_weight > 0:
+                        feat = feature_distillation_loss(feats_p[0], teacher_feats[0])
+                        loss = loss + cfg.trigger_feature_weight * feat
+                        stats["feat"] = feat.item()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"implant loss became {loss.item()} at epoch {epoch + 1} step {i}; the input checkpoint is "
@@ -326,7 +369,7 @@ def run_implant(
 
     model, log = implant(clean, data, cfg, progress=progress, on_epoch=save_epoch)
     clean.eval()
-    test = holdout_split(data.train, cfg.holdout, seed=1234)[1] if cfg.holdout else data.test
+    test = holdout_split(data.train, cfg.holdout)[1] if cfg.holdout else data.test
     summary, details = evaluate(model, test, trigger, target, cfg.layer, reference=clean, limit=limit,
                                 progress=progress)
     result = {"implant": log, "evaluation": summary, "split": "holdout" if cfg.holdout else "test"}

@@ -18,6 +18,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,13 @@ def evaluation_done(out: Path, config: dict[str, Any]) -> bool:
     return f.exists() and json.loads(f.read_text()).get("config") == config
 
 
+def _read_timings(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / "timings.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def implant_hash(cfg: Any, checkpoint: Path, fingerprint: str) -> str:
     sidecar = json.loads(weights_path(checkpoint).with_suffix(".json").read_text())
     return config_hash(cfg, {"parent": sidecar.get("weights_sha256"), "data": fingerprint})
@@ -78,13 +86,25 @@ def run_pipeline(preset: str, out: Path, data: Any, progress: bool = True, train
     icfg = ImplantConfig.from_recipe(recipe, **{**icfg_values, **(implant_overrides or {})})
     out = ensure_writable_dir(out)
     log: dict[str, Any] = {"preset": preset, "stages": {}}
+    timings = _read_timings(out)
+
+    def timed(stage: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        value = fn(*args, **kwargs)
+        timings[stage] = {"wall_s": round(time.perf_counter() - start, 1), "date": environment()["date"]}
+        atomic_write_text(out / "timings.json", json.dumps(timings, indent=1))
+        return value
+
     stage1 = out / "stage1"
     t_hash = config_hash(tcfg, {"data": data.fingerprint})
     if stage1_done(stage1, t_hash, tcfg.epochs):
         log["stages"]["stage1"] = "skipped (done, same config)"
     else:
         resume = (stage1 / "state.json").exists()
-        train(tcfg, data, stage1, resume=resume, progress=progress)
+        if resume:
+            timings.pop("stage1", None)  # a resumed stage's wall time would undercount; drop it
+        timed("stage1" if not resume else "stage1 (resumed part)", train, tcfg, data, stage1, resume=resume,
+              progress=progress)
         log["stages"]["stage1"] = "resumed" if resume else "ran"
     checkpoint = stage1 / "model.safetensors"
     trigger, target = parse_trigger(icfg.trigger), parse_target(icfg.target)
@@ -94,17 +114,20 @@ def run_pipeline(preset: str, out: Path, data: Any, progress: bool = True, train
     if evaluation_done(stage1 / "evaluate", base_cfg):
         log["stages"]["evaluate_stage1"] = "skipped (done, same config)"
     else:
+        start = time.perf_counter()
         model, _ = load_model(checkpoint)
         summary, details = evaluate(model.eval(), data.test, trigger, target, icfg.layer, limit=limit, progress=progress)
         write_evaluation(stage1 / "evaluate", summary, details, base_cfg, target, data.classes, title="stage 1 (clean)")
+        timings["evaluate_stage1"] = {"wall_s": round(time.perf_counter() - start, 1), "date": environment()["date"]}
         log["stages"]["evaluate_stage1"] = "ran"
     implant_dir = out / "implant"
     if implant_done(implant_dir, implant_hash(icfg, checkpoint, data.fingerprint)):
         log["stages"]["implant"] = "skipped (done, same config)"
     else:
-        run_implant(checkpoint, data, icfg, implant_dir, progress=progress, limit=limit)
+        timed("implant + evaluate", run_implant, checkpoint, data, icfg, implant_dir, progress=progress, limit=limit)
         log["stages"]["implant"] = "ran"
-    make_figures(out)
+    timed("figures + report", make_figures, out)
+    make_figures(out)  # again, so the report lists its own time
     log["report"] = str(out / "report.md")
     return log
 
@@ -314,6 +337,11 @@ def make_figures(directory: str | Path) -> Path:
             lines.append(f"| {name} | {100 * m['clean_acc']:.2f} % | {100 * m['triggered_acc']:.2f} % | "
                          f"{100 * m['asr']:.2f} % | {m['iou']['mean']:.3f} | {100 * m['false_trigger_rate']:.2f} % | {fid} |")
         lines.append("")
+        timings = _read_timings(d)
+        if timings:
+            lines += ["| stage | wall time | measured |", "|---|---|---|"]
+            lines += [f"| {k} | {v['wall_s']:.0f} s | {v['date']} |" for k, v in timings.items()]
+            lines += [f"| **total** | **{sum(v['wall_s'] for v in timings.values()) / 60:.1f} min** | |", ""]
         for name, _ in rows:
             lines += [f"![{name} heatmaps]({name}/evaluate/heatmaps.png)", "",
                       f"![{name} IoU histogram]({name}/evaluate/iou_histogram.png)", ""]

@@ -161,7 +161,7 @@ def train(
 
         extra_loss = single_stage_loss(cfg, data)
     chash = config_hash(cfg, {"data": data.fingerprint})
-    train_set, holdout_set = (holdout_split(data.train, cfg.holdout, cfg.seed) if cfg.holdout else (data.train, None))
+    train_set, holdout_set = (holdout_split(data.train, cfg.holdout) if cfg.holdout else (data.train, None))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(data.classes), cfg.width).to(device)
     memory_format = torch.channels_last if use_channels_last(cfg, device, dist.world_size) else torch.contiguous_format
