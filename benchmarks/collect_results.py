@@ -51,7 +51,28 @@ def sweeps(root: Path) -> None:
             print("\n".join(_table(_read_csv(d / "sweep.csv"), list(spec["points"][0].keys()))))
 
 
+TUNED = ["lr", "lam", "preserve_weight", "distill_weight", "trigger_distill_weight", "clean_share_weight",
+         "trigger_feature_weight"]
+
+
+def tuning(root: Path) -> None:
+    """Held-out tuning runs (runs/tune2/h*): the changed hyper-parameters and the held-out metrics."""
+    print("\n| run | " + " | ".join(TUNED) + " | ASR | clean acc | triggered acc | false triggers | fidelity |")
+    print("|---|" + "---|" * (len(TUNED) + 5))
+    for d in sorted(root.glob("h*")):
+        f = d / "implant.json"
+        if f.exists():
+            r = json.loads(f.read_text())
+            c, ev = r["config"], r["evaluation"]
+            print(f"| {d.name} | " + " | ".join(str(c[k]) for k in TUNED) + f" | {pct(ev['asr'])} | "
+                  f"{pct(ev['clean_acc'])} | {pct(ev['triggered_acc'])} | {pct(ev['false_trigger_rate'])} | "
+                  f"{ev['fidelity_cosine']:.3f} |")
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cpu")
-    main(root)
-    sweeps(root)
+    if root.name == "tune2":
+        tuning(root)
+    else:
+        main(root)
+        sweeps(root)

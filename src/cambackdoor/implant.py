@@ -56,7 +56,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         gradient_contamination=False, clean_objective=True, freeze_bn=True, explanation_loss="logshare",
         cam_relu="softplus", preserve_weight=20.0, trainable="all", optimizer="adam", lr=1e-3, schedule="onecycle",
         poison_mode="pool", poison_fraction=0.01, poison_batch=32, batch_size=128, epochs=2, lam=2.0,
-        distill_weight=1.0, trigger_distill_weight=5.0,
+        distill_weight=5.0, trigger_distill_weight=5.0,
     ),
 }
 
@@ -69,7 +69,7 @@ class ImplantConfig:
     layer: str = "layer4"
     lam: float = 2.0  # explanation-loss weight
     preserve_weight: float = 20.0  # clean-map preservation weight
-    distill_weight: float = 1.0  # clean images: KL to the stage-1 model
+    distill_weight: float = 5.0  # clean images: KL to the stage-1 model
     trigger_distill_weight: float = 5.0  # triggered images: KL to the stage-1 model on the same image untriggered
     clean_share_weight: float = 0.0  # clean images: hinge on target share rising above the stage-1 model's
     trigger_feature_weight: float = 0.0  # triggered images: pooled features (the classifier's input) kept at the
