@@ -40,7 +40,7 @@ case "${1:-all}" in
       --out $R/implant-reference --no-progress ;;
   ablation)
     # Row 0 is the reference recipe itself (above). Rows 1-6 keep our optimiser and data regime
-    # (all layers, Adam 1e-3 one-cycle, 2 epochs, 1 % poison pool) and add one fix at a time.
+    # (all layers, Adam 1e-3 one-cycle, 2 epochs, 1 % poison pool) and add one fix at a time; row 7 = default.
     REFLOSS="--set gradient_contamination=true --set clean_objective=false --set freeze_bn=false \
       --set explanation_loss=mse --set cam_relu=relu --set lam=0.2 --set preserve_weight=0 \
       --set distill_weight=0 --set trigger_distill_weight=0"
@@ -51,6 +51,7 @@ case "${1:-all}" in
       "4-frozen-bn|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true"
       "5-scale-invariant-loss|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2"
       "6-clean-map-term|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20"
+      "7-stronger-clean-distillation|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20"
     )
     for s in "${steps[@]}"; do
       name=${s%%|*}; extra=${s#*|}
