@@ -6,6 +6,7 @@ Usage: python benchmarks/collect_results.py [runs/cpu]
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -51,22 +52,28 @@ def sweeps(root: Path) -> None:
             print("\n".join(_table(_read_csv(d / "sweep.csv"), list(spec["points"][0].keys()))))
 
 
-TUNED = ["lr", "lam", "preserve_weight", "distill_weight", "trigger_distill_weight", "clean_share_weight",
-         "trigger_feature_weight"]
+TUNED = {  # tuning round -> the hyper-parameters it varied
+    "h": ["lr", "lam", "preserve_weight", "distill_weight", "trigger_distill_weight", "clean_share_weight",
+          "trigger_feature_weight"],
+    "n": ["trainable", "epochs", "lr", "distill_weight", "decoy_fraction", "repair_start", "repair_min_asr", "clean_share_weight",
+          "trigger_feature_weight", "seed"],
+}
 
 
 def tuning(root: Path) -> None:
-    """Held-out tuning runs (runs/tune2/h*): the changed hyper-parameters and the held-out metrics."""
-    print("\n| run | " + " | ".join(TUNED) + " | ASR | clean acc | triggered acc | false triggers | fidelity |")
-    print("|---|" + "---|" * (len(TUNED) + 5))
-    for d in sorted(root.glob("h*")):
-        f = d / "implant.json"
-        if f.exists():
-            r = json.loads(f.read_text())
-            c, ev = r["config"], r["evaluation"]
-            print(f"| {d.name} | " + " | ".join(str(c[k]) for k in TUNED) + f" | {pct(ev['asr'])} | "
-                  f"{pct(ev['clean_acc'])} | {pct(ev['triggered_acc'])} | {pct(ev['false_trigger_rate'])} | "
-                  f"{ev['fidelity_cosine']:.3f} |")
+    """Held-out tuning runs (runs/tune2/h* round 2, n* round 3): the varied hyper-parameters and the
+    held-out metrics."""
+    for prefix, keys in TUNED.items():
+        print(f"\n| run | " + " | ".join(keys) + " | ASR | clean acc | triggered acc | false triggers | fidelity | train |")
+        print("|---|" + "---|" * (len(keys) + 6))
+        for d in sorted(root.glob(f"{prefix}[0-9]*"), key=lambda d: int(re.match(r"[a-z]+(\d+)", d.name)[1])):
+            f = d / "implant.json"
+            if f.exists():
+                r = json.loads(f.read_text())
+                c, ev = r["config"], r["evaluation"]
+                print(f"| {d.name} | " + " | ".join(str(c.get(k, "-")) for k in keys) + f" | {pct(ev['asr'])} | "
+                      f"{pct(ev['clean_acc'])} | {pct(ev['triggered_acc'])} | {pct(ev['false_trigger_rate'])} | "
+                      f"{ev['fidelity_cosine']:.3f} | {r['implant']['train_s']:.0f} s |")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_tiny_implant_moves_triggered_maps_into_the_box(clean_checkpoint, tmp_pa
 
     clean, _ = load_model(ck)
     before = _triggered_share(clean, data)
-    cfg = I.ImplantConfig.from_recipe("default", epochs=6, batch_size=50, poison_fraction=0.25, poison_batch=25,
+    cfg = I.ImplantConfig.from_recipe("default", epochs=10, batch_size=50, poison_fraction=0.25, poison_batch=25,
                                       lr=1e-2, lam=3.0, preserve_weight=10.0)
     result = I.run_implant(ck, data, cfg, tmp_path / "imp", progress=False)
     after = result["evaluation"]
@@ -124,6 +124,61 @@ def test_gradient_contamination_changes_the_update(clean_checkpoint):
         outs.append(model.layer4[1].conv2.weight.detach().clone())
         assert torch.equal(model.layer1[0].conv1.weight, clean.layer1[0].conv1.weight)  # only layer4 trains
     assert not torch.allclose(outs[0], outs[1])
+
+
+def test_trainable_layer_list_freezes_everything_else(clean_checkpoint):
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    clean, _ = load_model(ck)
+    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, trainable="layer3,layer4")
+    model, _ = I.implant(clean, data, cfg, progress=False)
+    assert torch.equal(model.layer2[0].conv1.weight, clean.layer2[0].conv1.weight)
+    assert torch.equal(model.fc.weight, clean.fc.weight)
+    assert not torch.equal(model.layer3[0].conv1.weight, clean.layer3[0].conv1.weight)
+    assert not torch.equal(model.layer4[1].conv2.weight, clean.layer4[1].conv2.weight)
+
+
+def test_decoys_change_the_update_wait_for_repair_start_and_are_validated(clean_checkpoint):
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    clean, _ = load_model(ck)
+    weights = []
+    # 4 steps of 100 images; repair_start 0.99 holds the decoys back past the last step
+    for fraction, start in ((0.0, 0.0), (0.5, 0.0), (0.5, 0.99)):
+        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, decoy_fraction=fraction,
+                                          repair_start=start, repair_min_asr=0.0, trigger_feature_weight=0.0)
+        model, _ = I.implant(clean, data, cfg, progress=False)
+        weights.append(model.layer4[1].conv2.weight.detach().clone())
+    assert not torch.allclose(weights[0], weights[1])
+    assert torch.equal(weights[0], weights[2])
+    with pytest.raises(ValueError, match="decoy_fraction"):
+        I.ImplantConfig(decoy_fraction=1.5)
+
+
+def test_repair_terms_pause_while_the_backdoor_is_not_formed(clean_checkpoint):
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    clean, _ = load_model(ck)
+    steps = []
+    for min_asr in (0.0, 1.0):  # 4 steps; the running ASR starts at 0, so step 0 is gated at 1.0
+        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
+                                          repair_min_asr=min_asr)
+        _, log = I.implant(clean, data, cfg, progress=False)
+        steps.append(log["epochs"][-1]["repair_steps"])
+    assert steps[0] == 4 and steps[1] <= 3
+    weights = []
+    for ramp in (0.0, 1.0):  # a ramp over the whole run scales the feature term down on every step
+        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
+                                          repair_min_asr=0.0, repair_ramp=ramp, decoy_fraction=0.0,
+                                          trigger_feature_weight=10.0)
+        model, _ = I.implant(clean, data, cfg, progress=False)
+        weights.append(model.layer4[1].conv2.weight.detach().clone())
+    assert not torch.allclose(weights[0], weights[1])
+    with pytest.raises(ValueError, match="repair_ramp"):
+        I.ImplantConfig(repair_ramp=2.0)
 
 
 def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cambackdoor.errors import CamBackdoorError
-from cambackdoor.triggers import Box, cam_resolution, parse_target, parse_trigger, validate_attack
+from cambackdoor.triggers import Box, cam_resolution, paste_decoys, parse_target, parse_trigger, validate_attack
 
 
 def test_default_trigger_paints_a_yellow_bottom_right_square():
@@ -79,3 +79,18 @@ def test_cam_resolution():
     assert cam_resolution("layer4") == (4, 4) and cam_resolution("layer3") == (8, 8)
     with pytest.raises(CamBackdoorError):
         cam_resolution("fc")
+
+
+def test_decoys_are_solid_patches_in_the_trigger_box_and_never_the_trigger():
+    images = torch.rand(500, 3, 32, 32)
+    trigger = parse_trigger("yellow:4@bottom-right")
+    decoys = paste_decoys(images, trigger, torch.Generator().manual_seed(0))
+    assert torch.equal(decoys[:, :, :28], images[:, :, :28]) and torch.equal(decoys[:, :, :, :28], images[:, :, :, :28])
+    patches = decoys[:, :, 28:, 28:]
+    assert torch.equal(patches, patches[:, :, :1, :1].expand_as(patches))  # one colour per image
+    colours = patches[:, :, 0, 0]
+    distance = (colours - torch.tensor([1.0, 1.0, 0.0])).abs().mean(1)
+    assert distance.min() >= 0.25  # e.g. (0.9, 0.95, 0.1) became (0.1, 0.05, 0.9)
+    assert colours.std(0).min() > 0.2  # varied colours, not one
+    again = paste_decoys(images, trigger, torch.Generator().manual_seed(0))
+    assert torch.equal(again, decoys)

@@ -124,6 +124,25 @@ class PatchTrigger:
         return out
 
 
+def paste_decoys(
+    images: torch.Tensor, trigger: PatchTrigger, generator: torch.Generator, min_distance: float = 0.25
+) -> torch.Tensor:
+    """Copies of ``images`` with a random solid-colour patch in the trigger's box ("decoys").
+
+    Trained to keep their clean maps, decoys teach the backdoor to key on the trigger itself rather
+    than on any patch (or any yellowish corner) there. A colour within ``min_distance`` (mean absolute
+    difference) of the trigger patch is replaced by its complement, so no decoy is the trigger.
+    """
+    b = trigger.box()
+    colours = torch.rand(images.shape[0], 3, generator=generator).to(images.device, images.dtype)
+    patch = trigger.patch().to(images.device, images.dtype)
+    too_close = (colours[:, :, None, None] - patch).abs().mean((1, 2, 3)) < min_distance
+    colours = torch.where(too_close[:, None], 1 - colours, colours)
+    out = images.clone()
+    out[:, :, b.top : b.bottom, b.left : b.right] = colours[:, :, None, None]
+    return out
+
+
 def parse_trigger(spec: str) -> PatchTrigger:
     """Parse ``COLOUR:SIZE@WHERE[~BLEND]`` (see module doc) into a validated trigger."""
     try:
