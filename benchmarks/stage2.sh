@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage-2 benchmarks on the cpu stage-1 model (run benchmarks/stage1.sh first). One at a time:
-#   bash benchmarks/stage2.sh baseline|pair1|pair2|reference|ablation|single|sweeps|reference-sweep
+#   bash benchmarks/stage2.sh baseline|pair1|pair2|repair|reference|ablation|single|sweeps|reference-sweep
 #   bash benchmarks/stage2.sh tune2|tune-full "NAME|IMPLANT FLAGS" ...   (held-out tuning runs)
 # Results land in runs/cpu/<name>/; benchmarks/collect_results.py turns them into docs tables.
 set -euo pipefail
@@ -43,6 +43,13 @@ case "${1:-all}" in
   pair2)
     timed implant-default-pair2 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 \
       --trigger checkerboard:3@top-right --target bottom-left:8 --out $R/implant-default-pair2 --no-progress ;;
+  repair)
+    # the opt-in repair terms (not the default: pair 2 lost its backdoor with them), both pairs
+    REP="--set trigger_feature_weight=10 --set decoy_fraction=0.25"
+    timed repair-pair1 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $REP \
+      --out $R/v6-repair/implant-default --no-progress
+    timed repair-pair2 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $REP \
+      --trigger checkerboard:3@top-right --target bottom-left:8 --out $R/v6-repair/implant-default-pair2 --no-progress ;;
   reference)
     timed implant-reference cambackdoor implant --checkpoint $CK --recipe reference --epochs $REF_EPOCHS \
       --out $R/implant-reference --no-progress ;;
