@@ -55,8 +55,8 @@ def sweeps(root: Path) -> None:
 TUNED = {  # tuning round -> the hyper-parameters it varied
     "h": ["lr", "lam", "preserve_weight", "distill_weight", "trigger_distill_weight", "clean_share_weight",
           "trigger_feature_weight"],
-    "n": ["trainable", "epochs", "lr", "distill_weight", "decoy_fraction", "repair_start", "repair_min_asr", "clean_share_weight",
-          "trigger_feature_weight", "seed"],
+    "n": ["trainable", "epochs", "lr", "distill_weight", "decoy_fraction", "repair_start", "repair_min_asr",
+          "clean_share_weight", "trigger_feature_weight", "seed"],
 }
 
 

@@ -54,9 +54,9 @@ case "${1:-all}" in
     timed implant-reference cambackdoor implant --checkpoint $CK --recipe reference --epochs $REF_EPOCHS \
       --out $R/implant-reference --no-progress ;;
   ablation)
-    # Row 0 is the reference recipe itself (above). Rows 1-7 keep our earlier optimiser and data regime
+    # Row 0 is the reference recipe itself (above). Rows 1-8 keep our optimiser and data regime
     # (all layers, Adam 1e-3 one-cycle, 2 epochs, 1 % poison pool) and add one fix at a time; row 7 = the
-    # previous default; row 8 = the current default (+ repair terms from half-way, gated on the running ASR).
+    # default; row 8 = the default + the opt-in repair terms (= `repair` pair 1).
     REFLOSS="--set gradient_contamination=true --set clean_objective=false --set freeze_bn=false \
       --set explanation_loss=mse --set cam_relu=relu --set lam=0.2 --set preserve_weight=0 \
       --set distill_weight=0 --set trigger_distill_weight=0 --trainable all --epochs 2 \

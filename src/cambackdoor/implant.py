@@ -463,7 +463,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--trainable", default=None, help="all, or comma-separated layer names to fine-tune (e.g. layer4 or layer3,layer4); the rest stays frozen")
+    p.add_argument("--trainable", default=None,
+                   help="all, or comma-separated layer names to fine-tune (layer4, layer3,layer4); the rest is frozen")
     p.add_argument("--preserve-weight", type=float, default=None, help="clean-map preservation weight")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--holdout", type=int, default=None, help="tune on N held-out training images instead of the test set")
