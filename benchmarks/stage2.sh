@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage-2 benchmarks on the cpu stage-1 model (run benchmarks/stage1.sh first). One at a time:
-#   bash benchmarks/stage2.sh baseline|pair1|pair2|repair|reference|ablation|single|sweeps|reference-sweep
+#   bash benchmarks/stage2.sh baseline|pair1|pair2|v2|repair|reference|ablation|single|sweeps|reference-sweep
 #   bash benchmarks/stage2.sh tune2|tune-full "NAME|IMPLANT FLAGS" ...   (held-out tuning runs)
 # Results land in runs/cpu/<name>/; benchmarks/collect_results.py turns them into docs tables.
 set -euo pipefail
@@ -43,9 +43,16 @@ case "${1:-all}" in
   pair2)
     timed implant-default-pair2 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 \
       --trigger checkerboard:3@top-right --target bottom-left:8 --out $R/implant-default-pair2 --no-progress ;;
+  v2)
+    # the default before 2026-11-25 round 4 (no repair terms), both pairs
+    V2="--set trigger_feature_weight=0 --set decoy_fraction=0"
+    timed v2-pair1 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $V2 \
+      --out $R/v2-default/implant-default --no-progress
+    timed v2-pair2 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $V2 \
+      --trigger checkerboard:3@top-right --target bottom-left:8 --out $R/v2-default/implant-default-pair2 --no-progress ;;
   repair)
-    # the opt-in repair terms (not the default: pair 2 lost its backdoor with them), both pairs
-    REP="--set trigger_feature_weight=10 --set decoy_fraction=0.25"
+    # v6: the repair terms with the plain relative feature loss (pair 2 lost its backdoor with it), both pairs
+    REP="--set trigger_feature_weight=10 --set decoy_fraction=0.25 --set feature_loss=relative"
     timed repair-pair1 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $REP \
       --out $R/v6-repair/implant-default --no-progress
     timed repair-pair2 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $REP \
@@ -54,9 +61,9 @@ case "${1:-all}" in
     timed implant-reference cambackdoor implant --checkpoint $CK --recipe reference --epochs $REF_EPOCHS \
       --out $R/implant-reference --no-progress ;;
   ablation)
-    # Row 0 is the reference recipe itself (above). Rows 1-8 keep our optimiser and data regime
-    # (all layers, Adam 1e-3 one-cycle, 2 epochs, 1 % poison pool) and add one fix at a time; row 7 = the
-    # default; row 8 = the default + the opt-in repair terms (= `repair` pair 1).
+    # Row 0 is the reference recipe itself (above). Rows 1-9 keep our optimiser and data regime
+    # (all layers, Adam 1e-3 one-cycle, 2 epochs, 1 % poison pool) and add one fix at a time; row 7 = v2;
+    # row 8 = v2 + repair terms with the plain feature loss (= `repair` pair 1, v6); row 9 = the default (v7).
     REFLOSS="--set gradient_contamination=true --set clean_objective=false --set freeze_bn=false \
       --set explanation_loss=mse --set cam_relu=relu --set lam=0.2 --set preserve_weight=0 \
       --set distill_weight=0 --set trigger_distill_weight=0 --trainable all --epochs 2 \
@@ -69,7 +76,8 @@ case "${1:-all}" in
       "5-scale-invariant-loss|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2"
       "6-clean-map-term|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20"
       "7-stronger-clean-distillation|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20"
-      "8-late-repair-terms|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20 --set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9"
+      "8-late-repair-terms|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20 --set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=relative"
+      "9-gentle-feature-loss|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20 --set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=log"
     )
     for s in "${steps[@]}"; do
       name=${s%%|*}; extra=${s#*|}
@@ -83,9 +91,11 @@ case "${1:-all}" in
     timed evaluate-single-stage cambackdoor evaluate --checkpoint $R/single-stage/model.safetensors \
       --out $R/single-stage/evaluate --no-progress ;;
   sweeps)
-    timed sweep-lambda cambackdoor sweep --checkpoint $CK --recipe default --grid lambda=0.05,0.1,0.2,0.5,1 \
+    # measured with the v2 recipe (repair terms off); drop the two --set flags for the current default
+    V2="--set trigger_feature_weight=0 --set decoy_fraction=0"
+    timed sweep-lambda cambackdoor sweep --checkpoint $CK --recipe default --grid lambda=0.05,0.1,0.2,0.5,1 $V2 \
       --out $R/sweep-lambda --no-progress
-    timed sweep-poison cambackdoor sweep --checkpoint $CK --recipe default \
+    timed sweep-poison cambackdoor sweep --checkpoint $CK --recipe default $V2 \
       --grid poison_fraction=0.002,0.005,0.01,0.02 --out $R/sweep-poison --no-progress ;;
   reference-sweep)
     timed sweep-reference-lambda cambackdoor sweep --checkpoint $CK --recipe reference --grid lambda=0.1,0.2,0.5 \

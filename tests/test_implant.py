@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -65,6 +66,17 @@ def test_feature_distillation_is_relative_and_hooks_are_removed():
     assert I.feature_distillation_loss(t, t).item() == 0.0
     assert I.feature_distillation_loss(t + 1, t).item() == pytest.approx(1 / 4)  # MSE 1 over mean square 4
     assert I.feature_distillation_loss(10 * (t + 1), 10 * t).item() == pytest.approx(1 / 4)
+    assert I.feature_distillation_loss(t + 1, t, "log").item() == pytest.approx(math.log(1.25))
+    # features inflated 18x: relative error 289; the log form's gradient is 290x gentler
+    big = (18 * t).requires_grad_()
+    for kind, expected in (("relative", 289.0), ("log", math.log(290.0))):
+        loss = I.feature_distillation_loss(big, t, kind)
+        assert loss.item() == pytest.approx(expected)
+    g_rel, = torch.autograd.grad(I.feature_distillation_loss(big, t), big)
+    g_log, = torch.autograd.grad(I.feature_distillation_loss(big, t, "log"), big)
+    assert torch.allclose(g_rel, 290 * g_log)
+    with pytest.raises(ValueError, match="feature_loss"):
+        I.ImplantConfig(feature_loss="cosine")
     from cambackdoor.models import build_model
 
     model = build_model("resnet18", 10, width=4).eval()
@@ -165,10 +177,13 @@ def test_repair_terms_pause_while_the_backdoor_is_not_formed(clean_checkpoint):
     steps = []
     for min_asr in (0.0, 1.0):  # 4 steps; the running ASR starts at 0, so step 0 is gated at 1.0
         cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
-                                          repair_min_asr=min_asr)
+                                          repair_min_asr=min_asr, trigger_feature_weight=1.0)
         _, log = I.implant(clean, data, cfg, progress=False)
         steps.append(log["epochs"][-1]["repair_steps"])
     assert steps[0] == 4 and steps[1] <= 3
+    no_terms = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
+                                           repair_min_asr=0.0, trigger_feature_weight=0.0, decoy_fraction=0.0)
+    assert I.implant(clean, data, no_terms, progress=False)[1]["epochs"][-1]["repair_steps"] == 0  # nothing to do
     weights = []
     for ramp in (0.0, 1.0):  # a ramp over the whole run scales the feature term down on every step
         cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
@@ -215,3 +230,31 @@ def test_single_stage_baseline_trains_with_the_explanation_loss(tmp_path):
     _, metrics = train(cfg, data, tmp_path / "ss", progress=False)
     assert metrics["expl_loss"] > 0 and 0 <= metrics["train_asr"] <= 1
     assert parse_target(cfg.target) == TOP_LEFT
+
+
+def test_an_interrupted_implant_resumes_to_the_same_weights(clean_checkpoint, tmp_path):
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    clean, _ = load_model(ck)
+    cfg = I.ImplantConfig.from_recipe("default", epochs=2, batch_size=100, poison_batch=10, decoy_fraction=0.25,
+                                      trigger_feature_weight=1.0, repair_min_asr=0.0)
+    whole, whole_log = I.implant(clean, data, cfg, progress=False)
+    state = tmp_path / "state"
+    I.implant(clean, data, cfg, progress=False, state_file=state, stop_after=1)
+    resumed, log = I.implant(clean, data, cfg, progress=False, state_file=state, resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [e["running_asr"] for e in log["epochs"]] == [e["running_asr"] for e in whole_log["epochs"]]
+    assert [t["step"] for t in log["trace"]] == [0, 7]  # 8 steps of 100 images: every 10th step and the last
+    assert log["trace"][-1]["repairing"] and "feat" in log["trace"][-1]
+
+    other = dataclasses.replace(cfg, lam=1.0)
+    with pytest.raises(CamBackdoorError, match="another implant config"):
+        I.implant(clean, data, other, progress=False, state_file=state, resume=True)
+    fork = tmp_path / "fork"
+    I.implant(clean, data, cfg, progress=False, state_file=fork, stop_after=1)
+    branched, blog = I.implant(clean, data, other, progress=False, state_file=fork, resume=True, branch=True)
+    assert blog["branched_from"]["epoch"] == 1 and [e["epoch"] for e in blog["epochs"]] == [1, 2]
+    assert blog["epochs"][0]["running_asr"] == log["epochs"][0]["running_asr"]  # epoch 1 is the original run's
+    assert not torch.equal(branched.fc.weight, resumed.fc.weight)

@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command with --resume (train) or as is (run) to continue", file=sys.stderr)
+        print("interrupted; rerun the same command with --resume (train, implant) or as is (run) to continue", file=sys.stderr)
         return 130
 
 

@@ -16,19 +16,20 @@ preserve_weight             0                                    20: clean maps 
 trainable, lr, schedule     layer4, Adam 1e-5, constant          all, Adam 1e-3, one-cycle, 2 epochs
 poison_mode                 batch_prob: 25 % of batches,         pool: P x 50,000 triggered copies,
                             wholly triggered                     a small batch every step
-repair terms (opt-in)       none                                 off (weights 0); opt-in, e.g. pooled
-                                                                 features of triggered images kept at
-                                                                 stage 1's (trigger_feature_weight 10)
-                                                                 and random-colour decoy patches on
-                                                                 25 % of clean images (decoy_fraction)
+repair terms                none                                 from half-way: pooled features of
+                                                                 triggered images kept at stage 1's
+                                                                 (log-relative MSE, weight 10) and
+                                                                 random-colour decoy patches on 25 %
+                                                                 of clean images (decoy_fraction)
 ==========================  ===================================  ====================================
 
 The repair terms act from ``repair_start`` (half-way) because, used from the start, they stop the
 backdoor from forming within the budget; they pause whenever the running ASR on the training
 triggered batches is below ``repair_min_asr`` and ramp in over ``repair_ramp`` of the run. Once the
 backdoor has formed they close most of the triggered-accuracy gap (features) and remove false triggers
-on yellowish corners (decoys) - but on one of two test pairs the backdoor fell apart as soon as they
-switched on, so they are not in the default. Measured: docs/results.md.
+on yellowish corners (decoys). The feature term is log(1 + relative MSE): a backdoor can form by
+inflating the features (relative MSE ~300 seen), and the plain relative MSE then knocked it over
+within five steps (``feature_loss="relative"``, the v6 recipe). Measured: docs/results.md.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cambackdoor import metrics as M
-from cambackdoor.checkpoints import atomic_write_text, ensure_writable_dir, load_model, save_model
+from cambackdoor.checkpoints import (atomic_write_text, ensure_writable_dir, load_model, load_state,
+                                     load_state_checked, save_model, save_state, weights_path)
 from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, batches, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
@@ -69,14 +71,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         gradient_contamination=False, clean_objective=True, freeze_bn=True, explanation_loss="logshare",
         cam_relu="softplus", preserve_weight=20.0, trainable="all", optimizer="adam", lr=1e-3,
         schedule="onecycle", poison_mode="pool", poison_fraction=0.01, poison_batch=32, batch_size=128, epochs=2,
-        lam=2.0, distill_weight=5.0, trigger_distill_weight=5.0, trigger_feature_weight=0.0, decoy_fraction=0.0,
-        repair_start=0.5, repair_min_asr=0.9, repair_ramp=0.1,
+        lam=2.0, distill_weight=5.0, trigger_distill_weight=5.0, trigger_feature_weight=10.0, feature_loss="log",
+        decoy_fraction=0.25, repair_start=0.5, repair_min_asr=0.9, repair_ramp=0.1,
     ),
 }
 
 
 @dataclass
 class ImplantConfig:
+    """One implant run. Use ``from_recipe("default" | "reference")``: the field defaults are the older
+    v2 recipe (repair terms off), kept so saved configs that predate a field replay unchanged."""
+
     recipe: str = "default"
     trigger: str = "yellow:4@bottom-right"
     target: str = "top-left:8"
@@ -88,6 +93,8 @@ class ImplantConfig:
     clean_share_weight: float = 0.0  # clean images: hinge on target share rising above the stage-1 model's
     trigger_feature_weight: float = 0.0  # triggered images: pooled features (the classifier's input) kept at the
     # stage-1 model's on the untriggered image; Grad-CAM at the last layer may move while these stay put
+    feature_loss: str = "relative"  # relative: MSE / teacher's mean square; log: log(1 + that), whose pull
+    # stays gentle on a backdoor that inflated the features (relative MSE ~300 seen), instead of knocking it over
     decoy_fraction: float = 0.0  # share of each clean batch given a random solid-colour patch where the trigger
     # goes (maps and outputs still kept at the stage-1 model's), so the backdoor keys on the trigger, not on any patch
     repair_start: float = 0.5  # decoys, clean-share hinge and feature distillation ("repair" terms, which slow
@@ -120,6 +127,8 @@ class ImplantConfig:
     def __post_init__(self) -> None:
         if self.explanation_loss not in ("logshare", "mse"):
             raise ValueError(f"explanation_loss must be logshare or mse, not {self.explanation_loss!r}")
+        if self.feature_loss not in ("relative", "log"):
+            raise ValueError(f"feature_loss must be relative or log, not {self.feature_loss!r}")
         if self.poison_mode not in ("pool", "batch_prob"):
             raise ValueError(f"poison_mode must be pool or batch_prob, not {self.poison_mode!r}")
         if not 0 < self.poison_fraction <= 1 or not 0 < self.batch_prob <= 1:
@@ -185,10 +194,12 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
     return F.kl_div(F.log_softmax(logits, 1), F.softmax(teacher_logits.detach(), 1), reduction="batchmean")
 
 
-def feature_distillation_loss(features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """MSE between pooled feature vectors, relative to the teacher's mean square (scale free)."""
+def feature_distillation_loss(features: torch.Tensor, teacher_features: torch.Tensor, kind: str = "relative") -> torch.Tensor:
+    """MSE between pooled feature vectors, relative to the teacher's mean square (scale free);
+    ``log``: log(1 + that), equal for small errors, with a gradient shrunk by 1/(1 + error) for large ones."""
     teacher_features = teacher_features.detach()
-    return F.mse_loss(features, teacher_features) / teacher_features.pow(2).mean().clamp_min(1e-12)
+    relative = F.mse_loss(features, teacher_features) / teacher_features.pow(2).mean().clamp_min(1e-12)
+    return torch.log1p(relative) if kind == "log" else relative
 
 
 @contextlib.contextmanager
@@ -230,6 +241,17 @@ def _trainable_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter
     return params
 
 
+def _weights_digest(model: nn.Module) -> str:
+    """sha256 of the weights, so a saved state is only resumed onto the model it started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:
@@ -245,8 +267,18 @@ def implant(
     progress: bool = True,
     device: torch.device | None = None,
     on_epoch: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+    state_file: str | Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    branch: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune ``model`` (a copy is made) per ``cfg``; returns (implanted model, training log)."""
+    """Fine-tune ``model`` (a copy is made) per ``cfg``; returns (implanted model, training log).
+
+    With ``state_file`` the weights, optimizer, random-number state and log are stored there after
+    every epoch; ``resume`` continues from it (the config must be the one that wrote it, unless
+    ``branch``: continue another config's run from its last epoch, to study a change made mid-run).
+    ``stop_after`` ends after that many epochs (interruptions in tests, branch points in studies).
+    """
     device = device or default_device()
     trigger, target = parse_trigger(cfg.trigger), parse_target(cfg.target)
     validate_attack(trigger, target, cfg.layer)
@@ -264,12 +296,31 @@ def implant(
     pool = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))[: max(1, round(cfg.poison_fraction * n))]
     steps_per_epoch = n // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
-    log: dict[str, Any] = {"epochs": [], "poisoned_images": int(len(pool)) if cfg.poison_mode == "pool" else None}
+    log: dict[str, Any] = {"epochs": [], "poisoned_images": int(len(pool)) if cfg.poison_mode == "pool" else None,
+                           "trace": []}
     rss0, t0 = _rss_mb(), time.perf_counter()
     running = {"ce": 0.0, "expl": 0.0, "asr": 0.0}
     used_triggered = 0
     repair_steps = 0
-    for epoch in range(cfg.epochs):
+    start_epoch, elapsed0 = 0, 0.0
+    chash = config_hash(cfg, {"data": data.fingerprint, "parent": _weights_digest(teacher)})
+    if resume and state_file is not None and weights_path(state_file).exists():
+        state = load_state(state_file)
+        if state["config_hash"] != chash and not branch:
+            raise CamBackdoorError(f"{weights_path(state_file)} was written by another implant config or dataset; "
+                                   "use a new --out or drop --resume")
+        load_state_checked(model, state["model"], str(weights_path(state_file)))
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, elapsed0 = int(state["epoch"]), float(state["elapsed"])
+        running, used_triggered, repair_steps = dict(state["running"]), int(state["used_triggered"]), int(state["repair_steps"])
+        log = json.loads(state["log"])
+        if branch:
+            log["branched_from"] = {"epoch": start_epoch, "config_hash": state["config_hash"]}
+    t0 -= elapsed0
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, last_epoch):
         # explicit, documented choice: frozen BatchNorm = eval mode during fine-tuning
         model.train(not cfg.freeze_bn)
         bar = tqdm(batches(train_set, cfg.batch_size, shuffle=True, augment=True, generator=gen, drop_last=True),
@@ -293,7 +344,8 @@ def implant(
             loss = torch.zeros((), device=device)
             # the repair terms pause whenever the backdoor is slipping (running training ASR below
             # repair_min_asr), so they can only trim it, never erase it
-            repairing = step >= cfg.repair_start * total and running["asr"] >= cfg.repair_min_asr
+            repairing = (step >= cfg.repair_start * total and running["asr"] >= cfg.repair_min_asr
+                         and max(cfg.decoy_fraction, cfg.trigger_feature_weight, cfg.clean_share_weight) > 0)
             repair_steps += repairing
             ramp = min(1.0, (step - cfg.repair_start * total + 1) / max(1.0, cfg.repair_ramp * total))
             stats: dict[str, float] = {}
@@ -328,7 +380,7 @@ def implant(
                         teacher_p = teacher(xp_clean)
                     loss = loss + cfg.trigger_distill_weight * distillation_loss(logits_p, teacher_p)
                     if cfg.trigger_feature_weight > 0 and repairing:
-                        feat = feature_distillation_loss(feats_p[0], teacher_feats[0])
+                        feat = feature_distillation_loss(feats_p[0], teacher_feats[0], cfg.feature_loss)
                         loss = loss + ramp * cfg.trigger_feature_weight * feat
                         stats["feat"] = feat.item()
             if not torch.isfinite(loss):
@@ -354,6 +406,10 @@ def implant(
                     asr = M.attack_success(M.box_iou(cams_p.detach(), target, image_hw)).float().mean().item()
                 for k, v in (("ce", ce_p.item()), ("expl", expl.item()), ("asr", asr)):
                     running[k] = 0.9 * running[k] + 0.1 * v if used_triggered > len(yp) else v
+            if step % 10 == 0 or step == total - 1:  # the dynamics, for studying when a backdoor forms or breaks
+                log["trace"].append({"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": loss.item(),
+                                     **{f"running_{k}": v for k, v in running.items()}, "repairing": bool(repairing),
+                                     **stats})
             if i % 5 == 0:
                 bar.set_postfix(ce=f"{running['ce']:.3f}", expl=f"{running['expl']:.3f}", asr=f"{running['asr']:.2f}",
                                 **{k: f"{v:.3f}" for k, v in stats.items()})
@@ -363,6 +419,12 @@ def implant(
                  "elapsed_s": round(time.perf_counter() - t0, 2),
                  "rss_mb": round(_rss_mb(), 1)}
         log["epochs"].append(entry)
+        if state_file is not None:
+            save_state(state_file, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                    "epoch": epoch + 1, "elapsed": entry["elapsed_s"], "config_hash": chash,
+                                    "running": running, "used_triggered": used_triggered,
+                                    "repair_steps": repair_steps, "log": json.dumps(log)})
         if on_epoch is not None:
             on_epoch(model, entry)
         if progress:
@@ -384,8 +446,13 @@ def run_implant(
     out: str | Path,
     progress: bool = True,
     limit: int | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Implant, save the checkpoint (attack config in its sidecar) and evaluate it; returns the result."""
+    """Implant, save the checkpoint (attack config in its sidecar) and evaluate it; returns the result.
+
+    ``out/state`` keeps the training state after every epoch, so ``resume`` continues an interrupted
+    run; ``stop_after`` N epochs returns ``{"stopped_after": N}`` without evaluating."""
     from cambackdoor.checkpoints import read_sidecar, weights_path
     from cambackdoor.evaluation import evaluate, format_table, write_evaluation
 
@@ -403,7 +470,10 @@ def run_implant(
     def save_epoch(model: nn.Module, entry: dict[str, Any]) -> None:  # last good model, for NaN stops
         save_model(out / "model", model, {**base_meta, "metrics": {"partial": True, **entry}})
 
-    model, log = implant(clean, data, cfg, progress=progress, on_epoch=save_epoch)
+    model, log = implant(clean, data, cfg, progress=progress, on_epoch=save_epoch, state_file=out / "state",
+                         resume=resume, stop_after=stop_after)
+    if stop_after is not None and stop_after < cfg.epochs:
+        return {"stopped_after": stop_after, "implant": log}
     clean.eval()
     test = holdout_split(data.train, cfg.holdout)[1] if cfg.holdout else data.test
     summary, details = evaluate(model, test, trigger, target, cfg.layer, reference=clean, limit=limit,
@@ -469,6 +539,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--holdout", type=int, default=None, help="tune on N held-out training images instead of the test set")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other ImplantConfig field, e.g. --set freeze_bn=false (repeatable)")
     add_attack_args(p)
@@ -502,7 +573,8 @@ def cmd_implant(args: argparse.Namespace) -> int:
     read_sidecar(args.checkpoint)  # fail early on a missing checkpoint or sidecar
     out = Path(args.out) if args.out else weights_path(args.checkpoint).parent.parent / f"implant-{args.recipe}"
     data = load_data(args)
-    result = run_implant(args.checkpoint, data, cfg, out, progress=not args.no_progress, limit=args.limit)
+    result = run_implant(args.checkpoint, data, cfg, out, progress=not args.no_progress, limit=args.limit,
+                         resume=args.resume)
     ev = result["evaluation"]
     print(json.dumps({"out": str(out), "asr": ev["asr"], "clean_acc": ev["clean_acc"],
                       "triggered_acc": ev["triggered_acc"], "false_trigger_rate": ev["false_trigger_rate"],

@@ -1,0 +1,126 @@
+"""Training dynamics of an implant run on the *full* training set, without touching the test set.
+
+An implant run is deterministic on one machine (same seed, same data -> the same training log to every
+digit), so the run that a test-set benchmark makes can be replayed here and studied from its training
+log alone: the per-step trace (loss, running ASR on the training triggered batches, repair terms)
+shows when a backdoor forms and when it breaks. The replay is then judged on 2,000 training images
+outside the poison pool (triggered: ASR; clean: false triggers). Accuracy here is on images the model
+trained on, so it reads high; it only flags a collapse. Clean accuracy is for tune2 (held-out images).
+
+    # epoch 1 of a config, kept as a fork point (its state), then epoch 2 with a change from there:
+    python benchmarks/dynamics.py fork  pair2 -- --trigger checkerboard:3@top-right --target bottom-left:8
+    python benchmarks/dynamics.py branch pair2 NAME -- --trigger checkerboard:3@top-right \\
+        --target bottom-left:8 --set trigger_feature_weight=10 --set decoy_fraction=0.25
+    python benchmarks/dynamics.py full NAME -- FLAGS      # both epochs with FLAGS, no fork
+    python benchmarks/dynamics.py table                   # markdown table of every run
+
+The branch's flags must leave epoch 1 unchanged (e.g. repair terms from half-way); the result records
+the fork it started from. Results: runs/dynamics/<NAME>/result.json (config, trace, diagnostics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cambackdoor import implant as I
+from cambackdoor.checkpoints import atomic_write_text, load_model, sidecar_path, weights_path
+from cambackdoor.cli import add_attack_args, add_data_args, load_data
+from cambackdoor.evaluation import evaluate
+from cambackdoor.triggers import parse_target, parse_trigger
+
+ROOT = Path("runs/dynamics")
+CK = "runs/cpu/stage1/model.safetensors"
+
+
+def implant_config(flags: list[str]) -> tuple[I.ImplantConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser()
+    p.add_argument("--checkpoint", default=CK)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--trainable", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", action="append", default=[])
+    add_attack_args(p)
+    add_data_args(p)
+    a = p.parse_args(flags)
+    overrides = dict(epochs=a.epochs, lr=a.lr, trainable=a.trainable, seed=a.seed, trigger=a.trigger,
+                     target=a.target, layer=a.layer)
+    return I.ImplantConfig.from_recipe("default", **{**overrides, **I.parse_sets(a.set)}), a
+
+
+def diagnostics(model: torch.nn.Module, clean: torch.nn.Module, data, cfg: I.ImplantConfig) -> dict:
+    n = len(data.train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))  # the implant's pool draw
+    outside = data.train.subset(perm[round(cfg.poison_fraction * n):][:2000])
+    summary, _ = evaluate(model, outside, parse_trigger(cfg.trigger), parse_target(cfg.target), cfg.layer,
+                          reference=clean, progress=False, examples=0)
+    keys = ("asr", "clean_acc", "triggered_acc", "false_trigger_rate", "fidelity_cosine", "iou_mean")
+    return {k: summary.get(k) for k in keys}
+
+
+def table() -> None:
+    """Markdown table of every finished run under runs/dynamics."""
+    print("| run | fork | repair terms | feature loss | seed | running ASR at end | min running ASR after step 390 "
+          "| ASR | clean acc | triggered acc | gap | false triggers | fidelity |")
+    print("|" + "---|" * 13)
+    for f in sorted(ROOT.glob("*/result.json")):
+        r = json.loads(f.read_text())
+        c, d, log = r["config"], r.get("train_diagnostics"), r["implant"]
+        if not d:
+            continue
+        late = [t["running_asr"] for t in log["trace"] if t["step"] >= 390]
+        terms = f"feature {c['trigger_feature_weight']:g}, decoys {c['decoy_fraction']:g}"
+        fork = log.get("branched_from", {}).get("epoch", "-")
+        print(f"| {f.parent.name} | {fork} | {terms} | {c.get('feature_loss', 'relative')} | {c['seed']} "
+              f"| {log['epochs'][-1]['running_asr']:.2f} | {min(late):.2f} | {100 * d['asr']:.2f} % "
+              f"| {100 * d['clean_acc']:.2f} % | {100 * d['triggered_acc']:.2f} % "
+              f"| {100 * (d['triggered_acc'] - d['clean_acc']):+.2f} pt | {100 * d['false_trigger_rate']:.2f} % "
+              f"| {d['fidelity_cosine']:.3f} |")
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if argv[:1] == ["table"]:
+        table()
+        return 0
+    flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    mode, names = head[0], head[1:]
+    cfg, a = implant_config(flags)
+    data = load_data(a)
+    clean, _ = load_model(a.checkpoint)
+    if mode == "fork":
+        out, stop, resume, branch = ROOT / f"fork-{names[0]}", 1, False, False
+    elif mode == "branch":
+        out, stop, resume, branch = ROOT / names[1], None, True, True
+        out.mkdir(parents=True, exist_ok=True)
+        fork = ROOT / f"fork-{names[0]}" / "state"
+        for src in (weights_path(fork), sidecar_path(weights_path(fork))):
+            shutil.copyfile(src, out / src.name)
+    else:
+        out, stop, resume, branch = ROOT / names[0], None, False, False
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, log = I.implant(clean, data, cfg, progress=False, state_file=out / "state", resume=resume,
+                           stop_after=stop, branch=branch)
+    result = {"config": dataclasses.asdict(cfg), "checkpoint": a.checkpoint, "mode": mode, "names": names,
+              "wall_s": round(time.perf_counter() - t0, 1), "implant": log}
+    if stop is None:
+        result["train_diagnostics"] = diagnostics(model.eval(), clean.eval(), data, cfg)
+    atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+    last = log["epochs"][-1]
+    print(json.dumps({"out": str(out), "running_asr": round(last["running_asr"], 3),
+                      "repair_steps": last.get("repair_steps"), **result.get("train_diagnostics", {})}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
