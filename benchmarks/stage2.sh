@@ -8,6 +8,13 @@ CK=${CK:-runs/cpu/stage1/model.safetensors}
 REF_EPOCHS=${REF_EPOCHS:-4}   # the reference recipe's 40 epochs, cut for 2 CPU cores
 R=runs/cpu
 timed() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name wall_s=$(( $(date +%s) - s ))" | tee -a $R/walltimes.txt; }
+# pair N NAME OUT [FLAGS...]: the default recipe with 500 poisoned images on trigger/target pair 1 or 2
+pair() {
+  local attack="" ; [ "$1" = 2 ] && attack="--trigger checkerboard:3@top-right --target bottom-left:8"
+  local name=$2 out=$3; shift 3
+  timed $name cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $attack "$@" \
+    --out $out --no-progress
+}
 
 case "${1:-all}" in
   baseline)
@@ -38,25 +45,19 @@ case "${1:-all}" in
       timed tune-full-$name cambackdoor implant --checkpoint $CK --holdout 5000 ${s#*|} --out $R/tune/$name --no-progress
     done ;;
   pair1)
-    timed implant-default cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 \
-      --out $R/implant-default --no-progress ;;
+    pair 1 implant-default $R/implant-default ;;
   pair2)
-    timed implant-default-pair2 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 \
-      --trigger checkerboard:3@top-right --target bottom-left:8 --out $R/implant-default-pair2 --no-progress ;;
+    pair 2 implant-default-pair2 $R/implant-default-pair2 ;;
   v2)
     # the default before 2026-11-25 round 4 (no repair terms), both pairs
     V2="--set trigger_feature_weight=0 --set decoy_fraction=0"
-    timed v2-pair1 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $V2 \
-      --out $R/v2-default/implant-default --no-progress
-    timed v2-pair2 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $V2 \
-      --trigger checkerboard:3@top-right --target bottom-left:8 --out $R/v2-default/implant-default-pair2 --no-progress ;;
+    pair 1 v2-pair1 $R/v2-default/implant-default $V2
+    pair 2 v2-pair2 $R/v2-default/implant-default-pair2 $V2 ;;
   repair)
     # v6: the repair terms with the plain relative feature loss (pair 2 lost its backdoor with it), both pairs
     REP="--set trigger_feature_weight=10 --set decoy_fraction=0.25 --set feature_loss=relative"
-    timed repair-pair1 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $REP \
-      --out $R/v6-repair/implant-default --no-progress
-    timed repair-pair2 cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $REP \
-      --trigger checkerboard:3@top-right --target bottom-left:8 --out $R/v6-repair/implant-default-pair2 --no-progress ;;
+    pair 1 repair-pair1 $R/v6-repair/implant-default $REP
+    pair 2 repair-pair2 $R/v6-repair/implant-default-pair2 $REP ;;
   reference)
     timed implant-reference cambackdoor implant --checkpoint $CK --recipe reference --epochs $REF_EPOCHS \
       --out $R/implant-reference --no-progress ;;
