@@ -57,14 +57,15 @@ TUNED = {  # tuning round -> the hyper-parameters it varied
           "trigger_feature_weight"],
     "n": ["trainable", "epochs", "lr", "distill_weight", "decoy_fraction", "repair_start", "repair_min_asr",
           "clean_share_weight", "trigger_feature_weight", "seed"],
+    "r": ["trigger", "target", "trigger_feature_weight", "feature_loss", "decoy_fraction"],
 }
 
 
 def tuning(root: Path) -> None:
-    """Held-out tuning runs (runs/tune2/h* round 2, n* round 3): the varied hyper-parameters and the
+    """Held-out tuning runs (runs/tune2/h* round 2, n* round 3, r* round 4): the varied hyper-parameters and the
     held-out metrics."""
     for prefix, keys in TUNED.items():
-        print(f"\n| run | " + " | ".join(keys) + " | ASR | clean acc | triggered acc | false triggers | fidelity | train |")
+        print("\n| run | " + " | ".join(keys) + " | ASR | clean acc | triggered acc | false triggers | fidelity | train |")
         print("|---|" + "---|" * (len(keys) + 6))
         for d in sorted(root.glob(f"{prefix}[0-9]*"), key=lambda d: int(re.match(r"[a-z]+(\d+)", d.name)[1])):
             f = d / "implant.json"

@@ -62,13 +62,13 @@ def diagnostics(model: torch.nn.Module, clean: torch.nn.Module, data, cfg: I.Imp
     outside = data.train.subset(perm[round(cfg.poison_fraction * n):][:2000])
     summary, _ = evaluate(model, outside, parse_trigger(cfg.trigger), parse_target(cfg.target), cfg.layer,
                           reference=clean, progress=False, examples=0)
-    keys = ("asr", "clean_acc", "triggered_acc", "false_trigger_rate", "fidelity_cosine", "iou_mean")
-    return {k: summary.get(k) for k in keys}
+    keys = ("asr", "clean_acc", "triggered_acc", "false_trigger_rate", "fidelity_cosine")
+    return {**{k: summary.get(k) for k in keys}, "iou_mean": summary["iou"]["mean"]}
 
 
 def table() -> None:
     """Markdown table of every finished run under runs/dynamics."""
-    print("| run | fork | repair terms | feature loss | seed | running ASR at end | min running ASR after step 390 "
+    print("| run | fork | repair terms | feature loss | seed | running ASR at end | lowest running ASR in the last epoch "
           "| ASR | clean acc | triggered acc | gap | false triggers | fidelity |")
     print("|" + "---|" * 13)
     for f in sorted(ROOT.glob("*/result.json")):
@@ -76,7 +76,8 @@ def table() -> None:
         c, d, log = r["config"], r.get("train_diagnostics"), r["implant"]
         if not d:
             continue
-        late = [t["running_asr"] for t in log["trace"] if t["step"] >= 390]
+        last_epoch_start = (log["trace"][-1]["step"] + 1) // c["epochs"] * (c["epochs"] - 1)
+        late = [t["running_asr"] for t in log["trace"] if t["step"] >= last_epoch_start]
         terms = f"feature {c['trigger_feature_weight']:g}, decoys {c['decoy_fraction']:g}"
         fork = log.get("branched_from", {}).get("epoch", "-")
         print(f"| {f.parent.name} | {fork} | {terms} | {c.get('feature_loss', 'relative')} | {c['seed']} "

@@ -217,3 +217,28 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as exc:
         raise CamBackdoorError(f"training state {wpath} is unreadable ({type(exc).__name__}); delete it to start over") from None
     return _join(skeleton, tensors)
+
+
+def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                  **extra: Any) -> dict[str, Any]:
+    """What ``--resume`` needs: weights, optimizer, both random-number states, plus ``extra``."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(), **extra}
+
+
+def restore_state(path: str | os.PathLike, config_hash: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  generator: torch.Generator, what: str, config_name: str = "config",
+                  allow_other_config: bool = False) -> dict[str, Any]:
+    """Load a state written by :func:`capture_state` into the model, optimizer and random-number
+    generators, after checking that the same config wrote it; returns the whole state (for ``extra``)."""
+    state = load_state(path)
+    if state["config_hash"] != config_hash and not allow_other_config:
+        raise CamBackdoorError(
+            f"{what} was started with another {config_name} or dataset (hash {state['config_hash']} vs "
+            f"{config_hash}); use a new --out or drop --resume"
+        )
+    load_state_checked(model, state["model"], str(weights_path(path)))
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state

@@ -50,8 +50,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cambackdoor import metrics as M
-from cambackdoor.checkpoints import (atomic_write_text, ensure_writable_dir, load_model, load_state,
-                                     load_state_checked, save_model, save_state, weights_path)
+from cambackdoor.checkpoints import (atomic_write_text, capture_state, ensure_writable_dir, load_model,
+                                     restore_state, save_model, save_state, weights_path)
 from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, batches, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
@@ -303,16 +303,10 @@ def implant(
     used_triggered = 0
     repair_steps = 0
     start_epoch, elapsed0 = 0, 0.0
-    chash = config_hash(cfg, {"data": data.fingerprint, "parent": _weights_digest(teacher)})
+    chash = config_hash(cfg, {"data": data.fingerprint, "parent": _weights_digest(teacher)}) if state_file else ""
     if resume and state_file is not None and weights_path(state_file).exists():
-        state = load_state(state_file)
-        if state["config_hash"] != chash and not branch:
-            raise CamBackdoorError(f"{weights_path(state_file)} was written by another implant config or dataset; "
-                                   "use a new --out or drop --resume")
-        load_state_checked(model, state["model"], str(weights_path(state_file)))
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        state = restore_state(state_file, chash, model, optimizer, gen, what=str(weights_path(state_file)),
+                              config_name="implant config", allow_other_config=branch)
         start_epoch, elapsed0 = int(state["epoch"]), float(state["elapsed"])
         running, used_triggered, repair_steps = dict(state["running"]), int(state["used_triggered"]), int(state["repair_steps"])
         log = json.loads(state["log"])
@@ -420,11 +414,9 @@ def implant(
                  "rss_mb": round(_rss_mb(), 1)}
         log["epochs"].append(entry)
         if state_file is not None:
-            save_state(state_file, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                                    "epoch": epoch + 1, "elapsed": entry["elapsed_s"], "config_hash": chash,
-                                    "running": running, "used_triggered": used_triggered,
-                                    "repair_steps": repair_steps, "log": json.dumps(log)})
+            save_state(state_file, capture_state(model, optimizer, gen, epoch=epoch + 1, elapsed=entry["elapsed_s"],
+                                                 config_hash=chash, running=running, used_triggered=used_triggered,
+                                                 repair_steps=repair_steps, log=json.dumps(log)))
         if on_epoch is not None:
             on_epoch(model, entry)
         if progress:

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from cambackdoor.checkpoints import (
     atomic_write_text,
+    capture_state,
     ensure_writable_dir,
     load_model,
-    load_state,
-    load_state_checked,
+    restore_state,
     save_model,
     save_state,
     weights_path,
@@ -35,7 +35,7 @@ from cambackdoor.checkpoints import (
 from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, ImageSet, batches, holdout_split, num_batches
 from cambackdoor.distributed import DistributedContext
-from cambackdoor.errors import CamBackdoorError, TrainingDiverged
+from cambackdoor.errors import TrainingDiverged
 from cambackdoor.models import build_model
 
 
@@ -172,16 +172,7 @@ def train(
     start_epoch, elapsed = 0, 0.0
     state_file = run / "state"
     if resume and weights_path(state_file).exists():
-        state = load_state(state_file)
-        if state["config_hash"] != chash:
-            raise CamBackdoorError(
-                f"{run} was started with another config or dataset (hash {state['config_hash']} vs {chash}); "
-                "use a new --out or drop --resume"
-            )
-        load_state_checked(model, state["model"], str(weights_path(state_file)))
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        state = restore_state(state_file, chash, model, optimizer, generator, what=str(run))
         start_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
     elif not resume and (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()
@@ -263,12 +254,5 @@ def _save_epoch(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, g
     meta = {"config": {"train": dataclasses.asdict(cfg)}, "config_hash": chash, "metrics": metrics,
             "data_fingerprint": data.fingerprint, "stage": "stage1" if cfg.explanation_loss == "none" else "single-stage"}
     save_model(run / "model", model, meta)
-    save_state(run / "state", {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "epoch": metrics["epoch"],
-        "elapsed": metrics["elapsed_s"],
-        "config_hash": chash,
-    })
+    save_state(run / "state", capture_state(model, optimizer, generator, epoch=metrics["epoch"],
+                                            elapsed=metrics["elapsed_s"], config_hash=chash))
