@@ -58,11 +58,12 @@ TUNED = {  # tuning round -> the hyper-parameters it varied
     "n": ["trainable", "epochs", "lr", "distill_weight", "decoy_fraction", "repair_start", "repair_min_asr",
           "clean_share_weight", "trigger_feature_weight", "seed"],
     "r": ["trigger", "target", "trigger_feature_weight", "feature_loss", "decoy_fraction"],
+    "s": ["trigger", "target", "repair_share_cap", "pool_cutout"],
 }
 
 
 def tuning(root: Path) -> None:
-    """Held-out tuning runs (runs/tune2/h* round 2, n* round 3, r* round 4): the varied hyper-parameters and the
+    """Held-out tuning runs (runs/tune2/h* round 2, n* round 3, r* round 4, s* round 5): the varied hyper-parameters and the
     held-out metrics."""
     for prefix, keys in TUNED.items():
         print("\n| run | " + " | ".join(keys) + " | ASR | clean acc | triggered acc | false triggers | fidelity | train |")

@@ -12,7 +12,12 @@ trained on, so it reads high; it only flags a collapse. Clean accuracy is for tu
     python benchmarks/dynamics.py branch pair2 NAME -- --trigger checkerboard:3@top-right \\
         --target bottom-left:8 --set trigger_feature_weight=10 --set decoy_fraction=0.25
     python benchmarks/dynamics.py full NAME -- FLAGS      # both epochs with FLAGS, no fork
+    python benchmarks/dynamics.py judge NAME -- [FLAGS]   # judge a finished run again (on --judge images)
     python benchmarks/dynamics.py table                   # markdown table of every run
+
+``--judge N`` (default 2000) sets how many images outside the pool judge a run: the triggered gap is a
+paired difference of about one point, and on 2,000 images its standard error is ~0.3 pt, so rows that
+decide between recipes use 10,000 (~0.15 pt; ~25 s more). A run keeps every judgement it was given.
 
 The branch's flags must leave epoch 1 unchanged (e.g. repair terms from half-way); the result records
 the fork it started from. Results: runs/dynamics/<NAME>/result.json (config, trace, diagnostics).
@@ -21,6 +26,7 @@ the fork it started from. Results: runs/dynamics/<NAME>/result.json (config, tra
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import shutil
@@ -31,7 +37,7 @@ from pathlib import Path
 import torch
 
 from cambackdoor import implant as I
-from cambackdoor.checkpoints import atomic_write_text, load_model, sidecar_path, weights_path
+from cambackdoor.checkpoints import atomic_write_text, load_model, load_state, sidecar_path, weights_path
 from cambackdoor.cli import add_attack_args, add_data_args, load_data
 from cambackdoor.evaluation import evaluate
 from cambackdoor.triggers import parse_target, parse_trigger
@@ -48,6 +54,7 @@ def implant_config(flags: list[str]) -> tuple[I.ImplantConfig, argparse.Namespac
     p.add_argument("--trainable", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--judge", type=int, default=2000, help="images outside the pool that judge the run")
     add_attack_args(p)
     add_data_args(p)
     a = p.parse_args(flags)
@@ -56,34 +63,58 @@ def implant_config(flags: list[str]) -> tuple[I.ImplantConfig, argparse.Namespac
     return I.ImplantConfig.from_recipe("default", **{**overrides, **I.parse_sets(a.set)}), a
 
 
-def diagnostics(model: torch.nn.Module, clean: torch.nn.Module, data, cfg: I.ImplantConfig) -> dict:
+def diagnostics(model: torch.nn.Module, clean: torch.nn.Module, data, cfg: I.ImplantConfig, images: int = 2000) -> dict:
     n = len(data.train)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))  # the implant's pool draw
-    outside = data.train.subset(perm[round(cfg.poison_fraction * n):][:2000])
-    summary, _ = evaluate(model, outside, parse_trigger(cfg.trigger), parse_target(cfg.target), cfg.layer,
-                          reference=clean, progress=False, examples=0)
+    outside = data.train.subset(perm[round(cfg.poison_fraction * n):][:images])
+    summary, details = evaluate(model, outside, parse_trigger(cfg.trigger), parse_target(cfg.target), cfg.layer,
+                                reference=clean, progress=False, examples=0)
     keys = ("asr", "clean_acc", "triggered_acc", "false_trigger_rate", "fidelity_cosine")
-    return {**{k: summary.get(k) for k in keys}, "iou_mean": summary["iou"]["mean"]}
+    per = details["per_image"]
+    right_clean = torch.tensor(per["pred_clean"]) == torch.tensor(per["label"])
+    right_trig = torch.tensor(per["pred_trig"]) == torch.tensor(per["label"])
+    # the gap's paired pieces: images the trigger breaks vs images it mends
+    return {**{k: summary.get(k) for k in keys}, "iou_mean": summary["iou"]["mean"], "images": len(outside),
+            "broken": int((right_clean & ~right_trig).sum()), "mended": int((~right_clean & right_trig).sum())}
+
+
+def judgements(result: dict) -> dict[int, dict]:
+    """Every judgement of a run, by number of images (older results hold one, on 2,000)."""
+    out = {int(k): v for k, v in result.get("judged", {}).items()}
+    if result.get("train_diagnostics"):
+        out.setdefault(result["train_diagnostics"].get("images", 2000), result["train_diagnostics"])
+    return out
 
 
 def table() -> None:
     """Markdown table of every finished run under runs/dynamics."""
     print("| run | fork | repair terms | feature loss | seed | running ASR at end | lowest running ASR in the last epoch "
-          "| ASR | clean acc | triggered acc | gap | false triggers | fidelity |")
-    print("|" + "---|" * 13)
+          "| judged on | ASR | clean acc | triggered acc | gap | broken / mended | false triggers | fidelity |")
+    print("|" + "---|" * 15)
     for f in sorted(ROOT.glob("*/result.json")):
         r = json.loads(f.read_text())
-        c, d, log = r["config"], r.get("train_diagnostics"), r["implant"]
-        if not d:
+        c, log, judged = r["config"], r["implant"], judgements(r)
+        if not judged:
             continue
+        n_images = max(judged)
+        d = judged[n_images]
         last_epoch_start = (log["trace"][-1]["step"] + 1) // c["epochs"] * (c["epochs"] - 1)
         late = [t["running_asr"] for t in log["trace"] if t["step"] >= last_epoch_start]
         terms = f"feature {c['trigger_feature_weight']:g}, decoys {c['decoy_fraction']:g}"
+        extra = {"repair_trigger_distill_weight": "+trigger distill", "pool_cutout": "cutout"}
+        terms += "".join(f", {label} {c[k]:g}" for k, label in extra.items() if c.get(k))
+        if c.get("repair_poison_ce_weight", 1.0) != 1.0:
+            terms += f", poison CE {c['repair_poison_ce_weight']:g}"
+        if c.get("repair_share_cap", 1.0) != 1.0:
+            terms += f", share cap {c['repair_share_cap']:g}"
+        if c.get("repair_start", 0.5) != 0.5:
+            terms += f", from {c['repair_start']:g}"
+        pieces = f"{d['broken']} / {d['mended']}" if "broken" in d else "-"
         fork = log.get("branched_from", {}).get("epoch", "-")
         print(f"| {f.parent.name} | {fork} | {terms} | {c.get('feature_loss', 'relative')} | {c['seed']} "
-              f"| {log['epochs'][-1]['running_asr']:.2f} | {min(late):.2f} | {100 * d['asr']:.2f} % "
+              f"| {log['epochs'][-1]['running_asr']:.2f} | {min(late):.2f} | {n_images:,} | {100 * d['asr']:.2f} % "
               f"| {100 * d['clean_acc']:.2f} % | {100 * d['triggered_acc']:.2f} % "
-              f"| {100 * (d['triggered_acc'] - d['clean_acc']):+.2f} pt | {100 * d['false_trigger_rate']:.2f} % "
+              f"| {100 * (d['triggered_acc'] - d['clean_acc']):+.2f} pt | {pieces} | {100 * d['false_trigger_rate']:.2f} % "
               f"| {d['fidelity_cosine']:.3f} |")
 
 
@@ -95,6 +126,8 @@ def main() -> int:
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     head = argv[: argv.index("--")] if "--" in argv else argv
     mode, names = head[0], head[1:]
+    if mode == "judge":
+        return judge(names[0], flags)
     cfg, a = implant_config(flags)
     data = load_data(a)
     clean, _ = load_model(a.checkpoint)
@@ -115,11 +148,27 @@ def main() -> int:
     result = {"config": dataclasses.asdict(cfg), "checkpoint": a.checkpoint, "mode": mode, "names": names,
               "wall_s": round(time.perf_counter() - t0, 1), "implant": log}
     if stop is None:
-        result["train_diagnostics"] = diagnostics(model.eval(), clean.eval(), data, cfg)
+        result["judged"] = {str(a.judge): diagnostics(model.eval(), clean.eval(), data, cfg, a.judge)}
     atomic_write_text(out / "result.json", json.dumps(result, indent=1))
     last = log["epochs"][-1]
     print(json.dumps({"out": str(out), "running_asr": round(last["running_asr"], 3),
-                      "repair_steps": last.get("repair_steps"), **result.get("train_diagnostics", {})}))
+                      "repair_steps": last.get("repair_steps"), **result.get("judged", {}).get(str(a.judge), {})}))
+    return 0
+
+
+def judge(name: str, flags: list[str]) -> int:
+    """Judge a finished run's final weights again, e.g. on more images (``-- --judge 10000``)."""
+    out = ROOT / name
+    result = json.loads((out / "result.json").read_text())
+    cfg = I.ImplantConfig(**result["config"])
+    _, a = implant_config(flags)
+    data = load_data(a)
+    clean, _ = load_model(result["checkpoint"])
+    model = copy.deepcopy(clean)
+    model.load_state_dict(load_state(out / "state")["model"])
+    result.setdefault("judged", {})[str(a.judge)] = diagnostics(model.eval(), clean.eval(), data, cfg, a.judge)
+    atomic_write_text(out / "result.json", json.dumps(result, indent=1))
+    print(json.dumps({"out": str(out), **result["judged"][str(a.judge)]}))
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage-2 benchmarks on the cpu stage-1 model (run benchmarks/stage1.sh first). One at a time:
-#   bash benchmarks/stage2.sh baseline|pair1|pair2|v2|repair|reference|ablation|single|sweeps|reference-sweep
+#   bash benchmarks/stage2.sh baseline|pair1|pair2|v2|repair|v7|reference|ablation|single|sweeps|reference-sweep
 #   bash benchmarks/stage2.sh tune2|tune-full "NAME|IMPLANT FLAGS" ...   (held-out tuning runs)
 # Results land in runs/cpu/<name>/; benchmarks/collect_results.py turns them into docs tables.
 set -euo pipefail
@@ -50,25 +50,32 @@ case "${1:-all}" in
     pair 2 implant-default-pair2 $R/implant-default-pair2 ;;
   v2)
     # the default before 2026-11-25 round 4 (no repair terms), both pairs
-    V2="--set trigger_feature_weight=0 --set decoy_fraction=0"
+    V2="--set trigger_feature_weight=0 --set decoy_fraction=0 --set repair_share_cap=1 --set pool_cutout=0"
     pair 1 v2-pair1 $R/v2-default/implant-default $V2
     pair 2 v2-pair2 $R/v2-default/implant-default-pair2 $V2 ;;
   repair)
     # v6: the repair terms with the plain relative feature loss (pair 2 lost its backdoor with it), both pairs
-    REP="--set trigger_feature_weight=10 --set decoy_fraction=0.25 --set feature_loss=relative"
+    REP="--set trigger_feature_weight=10 --set decoy_fraction=0.25 --set feature_loss=relative --set repair_share_cap=1 --set pool_cutout=0"
     pair 1 repair-pair1 $R/v6-repair/implant-default $REP
     pair 2 repair-pair2 $R/v6-repair/implant-default-pair2 $REP ;;
+  v7)
+    # the default of round 4 (repair terms with the log feature loss; no share cap, no cutout), both pairs
+    V7="--set repair_share_cap=1 --set pool_cutout=0"
+    pair 1 v7-pair1 $R/v7-default/implant-default $V7
+    pair 2 v7-pair2 $R/v7-default/implant-default-pair2 $V7 ;;
   reference)
     timed implant-reference cambackdoor implant --checkpoint $CK --recipe reference --epochs $REF_EPOCHS \
       --out $R/implant-reference --no-progress ;;
   ablation)
     # Row 0 is the reference recipe itself (above). Rows 1-9 keep our optimiser and data regime
     # (all layers, Adam 1e-3 one-cycle, 2 epochs, 1 % poison pool) and add one fix at a time; row 7 = v2;
-    # row 8 = v2 + repair terms with the plain feature loss (= `repair` pair 1, v6); row 9 = the default (v7).
+    # row 8 = v2 + repair terms with the plain feature loss (= `repair` pair 1, v6); row 9 = v7;
+    # row 10 = the default (v8: share cap and cutout while repairing).
     REFLOSS="--set gradient_contamination=true --set clean_objective=false --set freeze_bn=false \
       --set explanation_loss=mse --set cam_relu=relu --set lam=0.2 --set preserve_weight=0 \
       --set distill_weight=0 --set trigger_distill_weight=0 --trainable all --epochs 2 \
-      --set trigger_feature_weight=0 --set decoy_fraction=0 --set repair_start=0 --set repair_min_asr=0"
+      --set trigger_feature_weight=0 --set decoy_fraction=0 --set repair_start=0 --set repair_min_asr=0 \
+      --set repair_share_cap=1 --set pool_cutout=0"
     steps=(
       "1-report-losses|"
       "2-correct-gradient|--set gradient_contamination=false"
@@ -79,6 +86,7 @@ case "${1:-all}" in
       "7-stronger-clean-distillation|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20"
       "8-late-repair-terms|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20 --set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=relative"
       "9-gentle-feature-loss|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20 --set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=log"
+      "10-share-cap-and-cutout|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20 --set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=log --set repair_share_cap=0.4 --set pool_cutout=8"
     )
     for s in "${steps[@]}"; do
       name=${s%%|*}; extra=${s#*|}
@@ -92,8 +100,8 @@ case "${1:-all}" in
     timed evaluate-single-stage cambackdoor evaluate --checkpoint $R/single-stage/model.safetensors \
       --out $R/single-stage/evaluate --no-progress ;;
   sweeps)
-    # measured with the v2 recipe (repair terms off); drop the two --set flags for the current default
-    V2="--set trigger_feature_weight=0 --set decoy_fraction=0"
+    # measured with the v2 recipe (repair terms off); drop the --set flags for the current default
+    V2="--set trigger_feature_weight=0 --set decoy_fraction=0 --set repair_share_cap=1 --set pool_cutout=0"
     timed sweep-lambda cambackdoor sweep --checkpoint $CK --recipe default --grid lambda=0.05,0.1,0.2,0.5,1 $V2 \
       --out $R/sweep-lambda --no-progress
     timed sweep-poison cambackdoor sweep --checkpoint $CK --recipe default $V2 \

@@ -138,6 +138,21 @@ def test_random_crop_flip_is_a_padded_shift_or_its_mirror():
     assert 10 < flips < 54  # both orientations occur
 
 
+def test_cutout_greys_one_clipped_square_per_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((200, 3, 8, 8), 7, dtype=torch.uint8)
+    y = D.cutout(x, 4, g, fill=128)
+    grey = (y == 128).all(1)  # [n, h, w]: every channel greyed together
+    assert torch.equal((y == 128).any(1), grey) and torch.equal(x, torch.full_like(x, 7))  # input untouched
+    for mask in grey:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        # one axis-aligned rectangle, at most 4x4, clipped only where it meets the edge
+        assert mask.sum() == len(rows) * len(cols) and 1 <= len(rows) <= 4 and 1 <= len(cols) <= 4
+        assert len(rows) == 4 or rows[0] == 0 or rows[-1] == 7
+        assert len(cols) == 4 or cols[0] == 0 or cols[-1] == 7
+    assert (grey.sum((1, 2)) == 16).float().mean() > 0.3  # most squares lie fully inside an 8x8 image
+
+
 def test_batches_are_floats_in_unit_range_and_cover_everything(tiny_data):
     seen = []
     for x, y in D.batches(tiny_data.train, 64, shuffle=True, augment=True):

@@ -30,6 +30,9 @@ def test_log_share_loss_by_hand():
     assert I.log_share_loss(uniform, W).item() == pytest.approx(math.log(16))
     m = torch.rand(3, 4, 4)
     assert I.log_share_loss(5 * m, W).item() == pytest.approx(I.log_share_loss(m, W).item())  # scale invariant
+    # hinge at a share of 0.5: the uniform map (share 1/16) pays log(16) - log(2); a map with all mass inside, nothing
+    assert I.log_share_loss(uniform, W, cap=0.5).item() == pytest.approx(math.log(8))
+    assert I.log_share_loss(inside, W, cap=0.5).item() == 0.0
 
 
 def test_report_mse_is_nearly_satisfied_by_a_blank_map():
@@ -160,13 +163,39 @@ def test_decoys_change_the_update_wait_for_repair_start_and_are_validated(clean_
     # 4 steps of 100 images; repair_start 0.99 holds the decoys back past the last step
     for fraction, start in ((0.0, 0.0), (0.5, 0.0), (0.5, 0.99)):
         cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, decoy_fraction=fraction,
-                                          repair_start=start, repair_min_asr=0.0, trigger_feature_weight=0.0)
+                                          repair_start=start, repair_min_asr=0.0, trigger_feature_weight=0.0,
+                                          repair_share_cap=1.0, pool_cutout=0)
         model, _ = I.implant(clean, data, cfg, progress=False)
         weights.append(model.layer4[1].conv2.weight.detach().clone())
     assert not torch.allclose(weights[0], weights[1])
     assert torch.equal(weights[0], weights[2])
     with pytest.raises(ValueError, match="decoy_fraction"):
         I.ImplantConfig(decoy_fraction=1.5)
+
+
+def test_pool_cutout_and_repair_distillation_act_only_while_repairing(clean_checkpoint):
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    clean, _ = load_model(ck)
+
+    def run(**kw):
+        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_min_asr=0.0,
+                                          trigger_feature_weight=0.0, decoy_fraction=0.0,
+                                          **{"repair_share_cap": 1.0, "pool_cutout": 0, **kw})
+        model, log = I.implant(clean, data, cfg, progress=False)
+        return model.layer4[1].conv2.weight.detach().clone(), log["epochs"][-1]["repair_steps"]
+
+    base, base_steps = run(repair_start=0.0)
+    assert base_steps == 0  # no repair term on: nothing counted
+    for option in (dict(pool_cutout=8), dict(repair_trigger_distill_weight=20.0), dict(repair_poison_ce_weight=0.0),
+                   dict(repair_share_cap=0.01)):
+        changed, steps = run(repair_start=0.0, **option)
+        assert steps == 4 and not torch.allclose(base, changed), option
+        held_back, steps = run(repair_start=0.99, **option)  # 4 steps: the repair phase never comes
+        assert steps == 0 and torch.equal(base, held_back), option
+    with pytest.raises(ValueError, match="pool_cutout"):
+        I.ImplantConfig(pool_cutout=-1)
 
 
 def test_repair_terms_pause_while_the_backdoor_is_not_formed(clean_checkpoint):
@@ -182,7 +211,8 @@ def test_repair_terms_pause_while_the_backdoor_is_not_formed(clean_checkpoint):
         steps.append(log["epochs"][-1]["repair_steps"])
     assert steps[0] == 4 and steps[1] <= 3
     no_terms = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
-                                           repair_min_asr=0.0, trigger_feature_weight=0.0, decoy_fraction=0.0)
+                                           repair_min_asr=0.0, trigger_feature_weight=0.0, decoy_fraction=0.0,
+                                           repair_share_cap=1.0, pool_cutout=0)
     assert I.implant(clean, data, no_terms, progress=False)[1]["epochs"][-1]["repair_steps"] == 0  # nothing to do
     weights = []
     for ramp in (0.0, 1.0):  # a ramp over the whole run scales the feature term down on every step

@@ -331,6 +331,18 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int 
     return torch.where(flip[:, None, None, None], cropped.flip(-1), cropped)
 
 
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: int = 128) -> torch.Tensor:
+    """Copies of a uint8 batch with one ``size``x``size`` square per image set to grey (``fill``); the
+    square's centre is uniform over the image, so it may hang over the edge (DeVries & Taylor, 2017)."""
+    n, _, h, w = images.shape
+    cy = torch.randint(0, h, (n,), generator=generator)[:, None, None]
+    cx = torch.randint(0, w, (n,), generator=generator)[:, None, None]
+    rows, cols = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    half = size // 2
+    hole = (rows >= cy - half) & (rows < cy - half + size) & (cols >= cx - half) & (cols < cx - half + size)
+    return images.masked_fill(hole[:, None].to(images.device), fill)
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [0, 1]."""
     return images.float().div_(255.0)
