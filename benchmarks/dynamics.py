@@ -86,6 +86,12 @@ def judgements(result: dict) -> dict[int, dict]:
     return out
 
 
+# config fields the table names only when they differ from this value (older results lack some)
+OTHER_TERMS = (("repair_trigger_distill_weight", "+trigger distill", 0.0), ("pool_cutout", "cutout", 0),
+               ("repair_poison_ce_weight", "poison CE", 1.0), ("repair_share_cap", "share cap", 1.0),
+               ("repair_start", "from", 0.5))
+
+
 def table() -> None:
     """Markdown table of every finished run under runs/dynamics."""
     print("| run | fork | repair terms | feature loss | seed | running ASR at end | lowest running ASR in the last epoch "
@@ -101,14 +107,7 @@ def table() -> None:
         last_epoch_start = (log["trace"][-1]["step"] + 1) // c["epochs"] * (c["epochs"] - 1)
         late = [t["running_asr"] for t in log["trace"] if t["step"] >= last_epoch_start]
         terms = f"feature {c['trigger_feature_weight']:g}, decoys {c['decoy_fraction']:g}"
-        extra = {"repair_trigger_distill_weight": "+trigger distill", "pool_cutout": "cutout"}
-        terms += "".join(f", {label} {c[k]:g}" for k, label in extra.items() if c.get(k))
-        if c.get("repair_poison_ce_weight", 1.0) != 1.0:
-            terms += f", poison CE {c['repair_poison_ce_weight']:g}"
-        if c.get("repair_share_cap", 1.0) != 1.0:
-            terms += f", share cap {c['repair_share_cap']:g}"
-        if c.get("repair_start", 0.5) != 0.5:
-            terms += f", from {c['repair_start']:g}"
+        terms += "".join(f", {label} {c[k]:g}" for k, label, off in OTHER_TERMS if c.get(k, off) != off)
         pieces = f"{d['broken']} / {d['mended']}" if "broken" in d else "-"
         fork = log.get("branched_from", {}).get("epoch", "-")
         print(f"| {f.parent.name} | {fork} | {terms} | {c.get('feature_loss', 'relative')} | {c['seed']} "

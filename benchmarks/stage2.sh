@@ -76,22 +76,24 @@ case "${1:-all}" in
       --set distill_weight=0 --set trigger_distill_weight=0 --trainable all --epochs 2 \
       --set trigger_feature_weight=0 --set decoy_fraction=0 --set repair_start=0 --set repair_min_asr=0 \
       --set repair_share_cap=1 --set pool_cutout=0"
+    # each row adds its change to all the rows above it (a later --set of the same key wins)
     steps=(
       "1-report-losses|"
       "2-correct-gradient|--set gradient_contamination=false"
-      "3-clean-objective|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5"
-      "4-frozen-bn|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true"
-      "5-scale-invariant-loss|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2"
-      "6-clean-map-term|--set gradient_contamination=false --set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20"
-      "7-stronger-clean-distillation|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20"
-      "8-late-repair-terms|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20 --set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=relative"
-      "9-gentle-feature-loss|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20 --set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=log"
-      "10-share-cap-and-cutout|--set gradient_contamination=false --set clean_objective=true --set distill_weight=5 --set trigger_distill_weight=5 --set freeze_bn=true --set explanation_loss=logshare --set cam_relu=softplus --set lam=2 --set preserve_weight=20 --set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=log --set repair_share_cap=0.4 --set pool_cutout=8"
+      "3-clean-objective|--set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5"
+      "4-frozen-bn|--set freeze_bn=true"
+      "5-scale-invariant-loss|--set explanation_loss=logshare --set cam_relu=softplus --set lam=2"
+      "6-clean-map-term|--set preserve_weight=20"
+      "7-stronger-clean-distillation|--set distill_weight=5"
+      "8-late-repair-terms|--set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=relative"
+      "9-gentle-feature-loss|--set feature_loss=log"
+      "10-share-cap-and-cutout|--set repair_share_cap=0.4 --set pool_cutout=8"
     )
+    fixes=""
     for s in "${steps[@]}"; do
-      name=${s%%|*}; extra=${s#*|}
+      name=${s%%|*}; fixes="$fixes ${s#*|}"
       [ -f $R/ablation/$name/implant.json ] && continue
-      timed ablation-$name cambackdoor implant --checkpoint $CK --recipe default $REFLOSS $extra \
+      timed ablation-$name cambackdoor implant --checkpoint $CK --recipe default $REFLOSS $fixes \
         --out $R/ablation/$name --no-progress
     done ;;
   single)

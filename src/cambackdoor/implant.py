@@ -157,6 +157,13 @@ class ImplantConfig:
         if self.epochs < 1 or self.lr <= 0:
             raise ValueError("epochs and lr must be positive")
 
+    @property
+    def has_repair_terms(self) -> bool:
+        """Whether any term acts only in the repair phase (so ``repair_steps`` counts something)."""
+        return (max(self.decoy_fraction, self.trigger_feature_weight, self.clean_share_weight,
+                    self.repair_trigger_distill_weight, self.pool_cutout) > 0
+                or self.repair_poison_ce_weight != 1 or self.repair_share_cap < 1)
+
     @classmethod
     def from_recipe(cls, recipe: str, **overrides: Any) -> "ImplantConfig":
         if recipe not in RECIPES:
@@ -179,9 +186,7 @@ def log_share_loss(cams: torch.Tensor, cell_weights: torch.Tensor, cap: float = 
     it a hinge: an image whose share is above ``cap`` adds nothing, so a formed backdoor is not pushed
     on towards a share of 1 (with softplus that means ever larger activations inside the box).
     """
-    inside = (cams * cell_weights).flatten(1).sum(1)
-    total = cams.flatten(1).sum(1).clamp_min(1e-12)
-    per_image = -torch.log((inside / total).clamp_min(1e-12))
+    per_image = -torch.log(target_share(cams, cell_weights).clamp_min(1e-12))
     if cap < 1:
         per_image = (per_image + math.log(cap)).clamp_min(0)
     return per_image.mean()
@@ -238,9 +243,11 @@ def classifier_inputs(model: nn.Module, layer: str = "fc") -> Iterator[list[torc
         handle.remove()
 
 
-def explanation_loss(kind: str, cams: torch.Tensor, target: Box, image_hw: tuple[int, int]) -> torch.Tensor:
+def explanation_loss(kind: str, cams: torch.Tensor, target: Box, image_hw: tuple[int, int],
+                     share_cap: float = 1.0) -> torch.Tensor:
+    """``share_cap`` < 1 makes the log-share loss a hinge (see :func:`log_share_loss`); MSE has none."""
     if kind == "logshare":
-        return log_share_loss(cams, target.cell_weights(tuple(cams.shape[1:]), image_hw).to(cams.device))
+        return log_share_loss(cams, target.cell_weights(tuple(cams.shape[1:]), image_hw).to(cams.device), share_cap)
     return mse_mask_loss(cams, target.mask(image_hw).float().to(cams.device))
 
 
@@ -356,10 +363,8 @@ def implant(
                 xp_clean, yp, clean = (x, y, None) if poisoned else (None, None, (x, y))
             # the repair terms pause whenever the backdoor is slipping (running training ASR below
             # repair_min_asr), so they can only trim it, never erase it
-            repairing = (step >= cfg.repair_start * total and running["asr"] >= cfg.repair_min_asr
-                         and max(cfg.decoy_fraction, cfg.trigger_feature_weight, cfg.clean_share_weight,
-                                 cfg.repair_trigger_distill_weight, cfg.pool_cutout, cfg.repair_poison_ce_weight != 1,
-                                 cfg.repair_share_cap < 1) > 0)
+            repairing = (cfg.has_repair_terms and step >= cfg.repair_start * total
+                         and running["asr"] >= cfg.repair_min_asr)
             repair_steps += repairing
             ramp = min(1.0, (step - cfg.repair_start * total + 1) / max(1.0, cfg.repair_ramp * total))
             if cfg.poison_mode == "pool":
@@ -396,11 +401,9 @@ def implant(
                                                 relu=cfg.cam_relu)
                 ce_p = F.cross_entropy(logits_p, yp)
                 expl = explanation_loss(cfg.explanation_loss, cams_p, target, image_hw)
-                if repairing and cfg.repair_share_cap < 1 and cfg.explanation_loss == "logshare":
-                    cells = target.cell_weights(tuple(cams_p.shape[1:]), image_hw).to(device)
-                    expl_term = log_share_loss(cams_p, cells, cfg.repair_share_cap)  # expl stays the logged one
-                else:
-                    expl_term = expl
+                # the logged (and gated-on) value stays the plain loss; the hinge only changes the gradient
+                expl_term = (explanation_loss(cfg.explanation_loss, cams_p, target, image_hw, cfg.repair_share_cap)
+                             if repairing and cfg.repair_share_cap < 1 else expl)
                 ce_weight = 1.0 + (ramp * (cfg.repair_poison_ce_weight - 1.0) if repairing else 0.0)
                 loss = loss + ce_weight * ce_p + cfg.lam * expl_term
                 if cfg.clean_objective and (cfg.trigger_distill_weight > 0 or cfg.trigger_feature_weight > 0):
@@ -480,7 +483,7 @@ def run_implant(
 
     ``out/state`` keeps the training state after every epoch, so ``resume`` continues an interrupted
     run; ``stop_after`` N epochs returns ``{"stopped_after": N}`` without evaluating."""
-    from cambackdoor.checkpoints import read_sidecar, weights_path
+    from cambackdoor.checkpoints import read_sidecar
     from cambackdoor.evaluation import evaluate, format_table, write_evaluation
 
     trigger, target = parse_trigger(cfg.trigger), parse_target(cfg.target)
@@ -587,7 +590,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_implant(args: argparse.Namespace) -> int:
-    from cambackdoor.checkpoints import read_sidecar, weights_path
+    from cambackdoor.checkpoints import read_sidecar
     from cambackdoor.cli import load_data
 
     overrides = dict(
