@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage-2 benchmarks on the cpu stage-1 model (run benchmarks/stage1.sh first). One at a time:
-#   bash benchmarks/stage2.sh baseline|pair1|pair2|v2|repair|v7|reference|ablation|single|sweeps|reference-sweep
+#   bash benchmarks/stage2.sh baseline|pair1|pair2|v2|repair|v7|reference|reference-label|ablation|single|sweeps|sweeps-v2|reference-sweep
 #   bash benchmarks/stage2.sh tune2|tune-full "NAME|IMPLANT FLAGS" ...   (held-out tuning runs)
 # Results land in runs/cpu/<name>/; benchmarks/collect_results.py turns them into docs tables.
 set -euo pipefail
@@ -64,8 +64,14 @@ case "${1:-all}" in
     pair 1 v7-pair1 $R/v7-default/implant-default $V7
     pair 2 v7-pair2 $R/v7-default/implant-default-pair2 $V7 ;;
   reference)
+    # the report's recipe as its public code ran it: CAM of the predicted class from an eval-mode forward,
+    # its .backward(create_graph=True) gradient left in .grad (registration 1 in docs/protocol.md)
     timed implant-reference cambackdoor implant --checkpoint $CK --recipe reference --epochs $REF_EPOCHS \
-      --out $R/implant-reference --no-progress ;;
+      --out $R/implant-reference-faithful --no-progress ;;
+  reference-label)
+    # the emulation before 2026-11-25: CAM of the label, from the training-mode forward
+    timed implant-reference-label cambackdoor implant --checkpoint $CK --recipe reference --epochs $REF_EPOCHS \
+      --set explain_class=label --set cam_eval_mode=false --out $R/implant-reference --no-progress ;;
   ablation)
     # Row 0 is the reference recipe itself (above). Rows 1-9 keep our optimiser and data regime
     # (all layers, Adam 1e-3 one-cycle, 2 epochs, 1 % poison pool) and add one fix at a time; row 7 = v2;
@@ -102,13 +108,20 @@ case "${1:-all}" in
     timed evaluate-single-stage cambackdoor evaluate --checkpoint $R/single-stage/model.safetensors \
       --out $R/single-stage/evaluate --no-progress ;;
   sweeps)
-    # measured with the v2 recipe (repair terms off); drop the --set flags for the current default
+    # the current default (v8); poison fraction 0.01 is the pair-1 run itself (runs/cpu/implant-default)
+    timed sweep-lambda-v8 cambackdoor sweep --checkpoint $CK --recipe default --grid lambda=0.05,0.1,0.2,0.5,1 \
+      --out $R/sweep-lambda-v8 --no-progress
+    timed sweep-poison-v8 cambackdoor sweep --checkpoint $CK --recipe default \
+      --grid poison_fraction=0.002,0.005,0.02 --out $R/sweep-poison-v8 --no-progress ;;
+  sweeps-v2)
+    # as measured before 2026-11-25, with the v2 recipe (repair terms off)
     V2="--set trigger_feature_weight=0 --set decoy_fraction=0 --set repair_share_cap=1 --set pool_cutout=0"
     timed sweep-lambda cambackdoor sweep --checkpoint $CK --recipe default --grid lambda=0.05,0.1,0.2,0.5,1 $V2 \
       --out $R/sweep-lambda --no-progress
     timed sweep-poison cambackdoor sweep --checkpoint $CK --recipe default $V2 \
       --grid poison_fraction=0.002,0.005,0.01,0.02 --out $R/sweep-poison --no-progress ;;
   reference-sweep)
+    # faithful emulation (see reference); the label-aligned one: add --set explain_class=label --set cam_eval_mode=false
     timed sweep-reference-lambda cambackdoor sweep --checkpoint $CK --recipe reference --grid lambda=0.1,0.2,0.5 \
-      --epochs $REF_EPOCHS --out $R/sweep-reference-lambda --no-progress ;;
+      --epochs $REF_EPOCHS --out $R/sweep-reference-faithful --no-progress ;;
 esac

@@ -19,12 +19,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
 
 
-def synthetic_images(n: int, seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_images(n: int, seed: int = 0, size: int = 32, noise_std: float = 25.0) -> tuple[np.ndarray, np.ndarray]:
     """Learnable images: each class has its own mean colour, plus noise. Returns (N,H,W,3) uint8, labels."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 10
     palette = np.random.default_rng(1234).integers(30, 225, size=(10, 3))  # shared by every split
-    noise = rng.normal(0, 25, size=(n, size, size, 3))
+    noise = rng.normal(0, noise_std, size=(n, size, size, 3))
     images = np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
     return images, labels
 
@@ -68,9 +68,9 @@ def pickle_dir(tmp_path) -> Path:
     return root
 
 
-def make_dataset(n_train: int = 400, n_test: int = 200, seed: int = 0) -> Cifar10:
-    tr, ltr = synthetic_images(n_train, seed)
-    te, lte = synthetic_images(n_test, seed + 1)
+def make_dataset(n_train: int = 400, n_test: int = 200, seed: int = 0, noise_std: float = 25.0) -> Cifar10:
+    tr, ltr = synthetic_images(n_train, seed, noise_std=noise_std)
+    te, lte = synthetic_images(n_test, seed + 1, noise_std=noise_std)
     to_set = lambda x, y: ImageSet(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long())  # noqa: E731
     return Cifar10(to_set(tr, ltr), to_set(te, lte), list(CLASSES), f"synthetic-{seed}", "synthetic")
 

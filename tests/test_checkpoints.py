@@ -91,3 +91,88 @@ def test_unwritable_output_directory(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CamBackdoorError, match="not writable"):
         C.ensure_writable_dir(blocker / "sub")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda meta: [meta], "not a cambackdoor checkpoint sidecar"),
+    (lambda meta: {**meta, "model": {}}, "no valid 'model' entry"),
+    (lambda meta: {**meta, "model": {**meta["model"], "width": "4"}}, "no valid 'model' entry"),
+    (lambda meta: {k: v for k, v in meta.items() if k != "weights_sha256"}, "no weights_sha256"),
+])
+def test_malformed_sidecars_are_one_line_errors(tmp_path, edit, match):
+    path = C.save_model(tmp_path / "m", build_model(width=4))
+    meta = json.loads(C.sidecar_path(path).read_text())
+    C.sidecar_path(path).write_text(json.dumps(edit(meta)))
+    with pytest.raises(CamBackdoorError, match=match):
+        C.load_model(path)
+
+
+def test_modified_weights_without_sha_in_sidecar_are_not_loaded(tmp_path):
+    path = C.save_model(tmp_path / "m", build_model(width=4))
+    meta = json.loads(C.sidecar_path(path).read_text())
+    del meta["weights_sha256"]
+    C.sidecar_path(path).write_text(json.dumps(meta))
+    other = C.save_model(tmp_path / "o", build_model(width=4))
+    path.write_bytes(other.read_bytes())
+    with pytest.raises(CamBackdoorError, match="no weights_sha256"):
+        C.load_model(path)
+
+
+def test_full_disk_in_safetensors_is_a_one_line_error(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(C, "save_file", full)
+    with pytest.raises(CamBackdoorError, match="cannot write .*No space left"):
+        C.save_model(tmp_path / "m", build_model(width=4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_state_is_one_file_and_old_two_file_states_still_load(tmp_path):
+    state = {"epoch": 2, "config_hash": "abc", "w": torch.arange(3.0), "history": "[]"}
+    C.save_state(tmp_path / "state", state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.safetensors"]
+    assert C.state_config_hash(tmp_path / "state") == "abc" and C.state_config_hash(tmp_path / "none") is None
+    back = C.load_state(tmp_path / "state")
+    assert back["epoch"] == 2 and torch.equal(back["w"], torch.arange(3.0))
+    # cambackdoor-state/1: tensors in the .safetensors, the JSON skeleton in a .json beside it
+    from safetensors.torch import save_file
+
+    save_file({"s.w": torch.ones(2)}, str(tmp_path / "old.safetensors"))
+    (tmp_path / "old.json").write_text(json.dumps({"format": "cambackdoor-state/1", "state": {
+        "__dict__": [["epoch", 1], ["w", {"__tensor__": "s.w"}]]}}))
+    old = C.load_state(tmp_path / "old")
+    assert old["epoch"] == 1 and torch.equal(old["w"], torch.ones(2))
+
+
+def test_load_model_honours_map_location(tmp_path):
+    path = C.save_model(tmp_path / "m", build_model(width=4))
+    model, _ = C.load_model(path, map_location="meta")  # a device that exists on every machine
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "eval"
+    with C.atomic_dir(out) as d:
+        (d / "a.json").write_text("1")
+        (d / "fig.png").write_text("x")
+    with pytest.raises(RuntimeError):
+        with C.atomic_dir(out) as d:
+            (d / "a.json").write_text("2")
+            raise RuntimeError("killed before the figure")
+    assert (out / "a.json").read_text() == "1" and (out / "fig.png").exists()
+    with C.atomic_dir(out) as d:
+        (d / "a.json").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["a.json"]  # nothing of the older run is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+
+
+def test_run_folder_needs_resume_or_overwrite(tmp_path):
+    (tmp_path / "model.safetensors").write_text("")
+    with pytest.raises(CamBackdoorError, match="--resume to continue it, --overwrite to start over"):
+        C.claim_run_dir(tmp_path, ("model.safetensors",), resume=False, overwrite=False)
+    C.claim_run_dir(tmp_path, ("model.safetensors",), resume=True, overwrite=False)
+    C.claim_run_dir(tmp_path, ("model.safetensors",), resume=False, overwrite=True)

@@ -69,7 +69,7 @@ def test_missing_dataset(tmp_path):
 def test_unknown_model(tmp_path):
     data = write_image_folder(tmp_path / "d", n_train=20, n_test=10)
     one_line_error(run_cli("train", "--model", "vgg", "--data", str(data), "--subset-ok", "--out", str(tmp_path / "o")),
-                   "unknown model 'vgg'")
+                   "model must be one of resnet18, not 'vgg'")
 
 
 def test_incomplete_dataset_without_subset_flag(tmp_path):
@@ -99,4 +99,108 @@ def test_bad_trigger_and_target(trained):
     ck = str(out / "model.safetensors")
     one_line_error(run_cli("evaluate", "--checkpoint", ck, "--trigger", "yellow:4@30,30"), "off the 32x32 image")
     one_line_error(run_cli("implant", "--checkpoint", ck, "--target", "bottom-right:8"), "overlaps the trigger")
-    one_line_error(run_cli("implant", "--checkpoint", ck, "--target", "4,4,8,8"), "align the box")
+    one_line_error(run_cli("implant", "--checkpoint", ck, "--target", "0,0,4,4"), "align the box")
+
+
+def cli_error(capsys, args, pattern):
+    """In-process: exit code 2 and one line 'error: ...' naming the fix, no traceback."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-data")
+    data = write_image_folder(root / "data", n_train=60, n_test=20)
+    return ["--data", data, "--subset-ok", "--no-progress", "--cache-dir", root / "cache"]
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--lambda", "-1"], "lam must be >= 0"),
+    (["--preserve-weight", "-5"], "preserve_weight must be >= 0"),
+    (["--batch-size", "100000"], "larger than the 60 training images"),
+    (["--batch-size", "-1"], "batch_size must be >= 1"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--set", "optimizer=bogus"], "optimizer must be one of"),
+    (["--set", "schedule=bogus"], "schedule must be one of"),
+    (["--set", "freeze_bn=maybe"], "freeze_bn must be bool"),
+    (["--set", "lam=[1,"], "cannot read the value"),
+    (["--set", "recipe=x"], "--recipe"),
+    (["--limit", "0"], "--limit 0 must be a positive"),
+    (["--limit=-5"], "--limit -5 must be a positive"),
+    (["--limit", "25"], "use 20 or 30"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_implant_refuses_bad_input_before_any_work(trained, data_args, tmp_path, capsys, args, pattern):
+    _, _, out = trained
+    cli_error(capsys, ["implant", "--checkpoint", out / "model.safetensors", "--out", tmp_path / "imp", *args,
+                       *data_args], pattern)
+    assert not (tmp_path / "imp" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--poison-fraction", "2"], "poison_fraction must be in"),
+    (["--batch-size", "100000"], "larger than the 60 training images"),
+    (["--holdout", "100000"], "--holdout 100000 must be between"),
+    (["--holdout", "-5"], "holdout must be >= 0"),
+    (["--trigger", "purple:4@x"], "trigger"),
+    (["--target", "0,0,0,0"], "empty"),
+])
+def test_train_refuses_bad_input(data_args, tmp_path, capsys, args, pattern):
+    cli_error(capsys, ["train", "--out", tmp_path / "t", "--width", "4", "--epochs", "1", *args, *data_args], pattern)
+    assert not (tmp_path / "t" / "model.safetensors").exists()
+
+
+def test_train_into_a_finished_run_needs_resume_or_overwrite(trained, data_args, capsys):
+    _, _, out = trained
+    before = (out / "metrics.jsonl").read_text()
+    cli_error(capsys, ["train", "--out", out, "--width", "4", "--epochs", "1", "--batch-size", "20", *data_args],
+              "--resume to continue it, --overwrite to start over")
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--batch-size", "0"], "--batch-size 0 must be a positive"),
+    (["--batch-size", "-1"], "--batch-size -1 must be a positive"),
+    (["--limit", "0"], "--limit 0 must be a positive"),
+    (["--limit", "15"], "use 10 or 20"),
+])
+def test_evaluate_refuses_bad_input(trained, data_args, tmp_path, capsys, args, pattern):
+    _, _, out = trained
+    cli_error(capsys, ["evaluate", "--checkpoint", out / "model.safetensors", "--out", tmp_path / "e", *args,
+                       *data_args], pattern)
+    assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_checks_out_before_work(trained, data_args, tmp_path, capsys):
+    _, _, out = trained
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cli_error(capsys, ["evaluate", "--checkpoint", out / "model.safetensors", "--out", blocker / "e", *data_args],
+              "not writable")
+
+
+def test_evaluate_limit_is_per_class(trained, data_args, tmp_path, capsys):
+    _, _, out = trained
+    assert main([str(a) for a in ["evaluate", "--checkpoint", out / "model.safetensors", "--out", tmp_path / "e",
+                                  "--limit", "10", *data_args]]) == 0
+    per = json.loads((tmp_path / "e" / "per_image.json").read_text())
+    assert sorted(per["label"]) == list(range(10))  # one image of each class, not the first ten (all airplanes)
+
+
+def test_bad_preset_shape(tmp_path, capsys):
+    preset = tmp_path / "list.yaml"
+    preset.write_text("- 1\n- 2\n")
+    cli_error(capsys, ["train", "--preset", preset, "--out", tmp_path / "o"], "must be a mapping")
+
+
+def test_corrupt_cifar_pickle_is_one_line(tmp_path, capsys, pickle_dir):
+    import pickle as pk
+
+    import numpy as np
+
+    with open(pickle_dir / "test_batch", "wb") as f:
+        pk.dump(np.zeros(3), f, protocol=2)
+    cli_error(capsys, ["train", "--data", pickle_dir, "--subset-ok", "--out", tmp_path / "o"], "not a CIFAR-10 python batch")

@@ -176,3 +176,86 @@ def test_validate_accepts_full_sized_counts():
                     list(D.CLASSES), "x", "x")
     D.validate(big)  # does not raise
     assert np.prod(big.train.images.shape) == 50_000 * 3072
+
+
+def test_limit_is_a_seeded_subset_with_the_same_count_per_class(tiny_data):
+    sorted_by_class = D.ImageSet(tiny_data.test.images[tiny_data.test.labels.argsort()],
+                                 tiny_data.test.labels.sort().values)  # like the real test set
+    sub = D.limited(sorted_by_class, 50)
+    assert len(sub) == 50 and torch.bincount(sub.labels, minlength=10).tolist() == [5] * 10
+    again = D.limited(sorted_by_class, 50)
+    assert torch.equal(sub.images, again.images)  # the same images every time
+    assert D.limited(sorted_by_class, None) is sorted_by_class and len(D.limited(sorted_by_class, 10_000)) == 200
+
+
+@pytest.mark.parametrize("limit,match", [(0, "positive"), (-5, "positive"), (25, "use 20 or 30"), (5, "use 10 or 20")])
+def test_bad_limits_are_refused(tiny_data, limit, match):
+    with pytest.raises(CamBackdoorError, match=match):
+        D.limited(tiny_data.test, limit)
+
+
+@pytest.mark.parametrize("label", [42, -3])
+def test_labels_out_of_range_are_refused(pickle_dir, label):
+    images, labels = synthetic_images(10, seed=15)
+    labels[3] = label
+    with open(pickle_dir / "test_batch", "wb") as f:
+        pickle.dump({b"data": images.transpose(0, 3, 1, 2).reshape(10, -1), b"labels": labels.tolist()}, f, protocol=2)
+    with pytest.raises(CamBackdoorError, match=f"holds label {label}, outside 0-9"):
+        D.load_cifar10(pickle_dir, expect_counts=None, progress=False)
+
+
+def test_pickle_whose_top_level_is_an_array_is_refused(pickle_dir):
+    with open(pickle_dir / "test_batch", "wb") as f:
+        pickle.dump(np.zeros(3), f, protocol=2)
+    with pytest.raises(CamBackdoorError, match="not a CIFAR-10 python batch.*top level is a ndarray"):
+        D.load_cifar10(pickle_dir, expect_counts=None, progress=False)
+
+
+def test_pickle_asking_for_a_huge_array_is_refused_without_allocating(pickle_dir):
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+
+    class Huge:
+        def __reduce__(self):
+            return (_reconstruct, (np.ndarray, (2**50,), b"b"))  # 1 PiB
+
+    with open(pickle_dir / "test_batch", "wb") as f:
+        pickle.dump({b"data": Huge(), b"labels": []}, f, protocol=2)
+    with pytest.raises(CamBackdoorError, match="refusing an array of shape"):
+        D.load_cifar10(pickle_dir, expect_counts=None, progress=False)
+
+
+def test_corrupt_zip_member_is_a_one_line_error(image_zip):
+    import zipfile
+
+    with zipfile.ZipFile(image_zip) as z:
+        info = z.infolist()[5]
+    raw = bytearray(image_zip.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + 40] ^= 0xFF  # a stored member's data: its CRC no longer matches
+    image_zip.write_bytes(bytes(raw))
+    with pytest.raises(CamBackdoorError, match=f"damaged: member {info.filename}"):
+        D.load_cifar10(image_zip, expect_counts=None, progress=False)
+
+
+def test_edited_cache_is_not_trusted(image_zip, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    first = D.load_cifar10(image_zip, cache_dir=tmp_path / "c", expect_counts=None, progress=False)
+    (cache,) = (tmp_path / "c").glob("cifar10-*.safetensors")
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(cache))
+    tensors["train_images"][0] = 0  # someone edits the cached pixels, metadata untouched
+    save_file(tensors, str(cache), metadata=meta)
+    second = D.load_cifar10(image_zip, cache_dir=tmp_path / "c", expect_counts=None, progress=False)
+    assert torch.equal(second.train.images, first.train.images)  # decoded again from the source
+
+
+@pytest.mark.parametrize("holdout", [400, 100_000, -5])
+def test_holdout_must_leave_training_images(tiny_data, holdout):
+    with pytest.raises(CamBackdoorError, match="--holdout"):
+        D.holdout_split(tiny_data.train, holdout)

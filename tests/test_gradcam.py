@@ -111,7 +111,14 @@ def _rss_mb() -> float:
 
 
 def test_memory_stays_flat_over_300_differentiable_calls(model):
+    import weakref
+
     x = torch.rand(16, 3, 32, 32)
+    # the exact check: nothing keeps a call's graph alive once its outputs are dropped
+    cams, logits = grad_cam(model, x, create_graph=True)
+    gone = [weakref.ref(cams), weakref.ref(logits)]
+    del cams, logits
+    assert all(r() is None for r in gone)
     for _ in range(30):
         grad_cam(model, x, create_graph=True)[0].sum().item()
     before = _rss_mb()
@@ -119,8 +126,9 @@ def test_memory_stays_flat_over_300_differentiable_calls(model):
         cams, _ = grad_cam(model, x, create_graph=True)
         loss = cams.sum()
         del cams, loss
-    # each call's graph holds several MB; 300 kept graphs would add far more than 64 MB
-    assert _rss_mb() - before < 64
+    # each call's graph holds several MB, so 300 kept graphs would add well over 1 GB; allocator noise
+    # on another machine stays far below this margin
+    assert _rss_mb() - before < 256
 
 
 def test_mode_is_never_changed_and_no_hook_is_left(model, images):

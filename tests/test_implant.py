@@ -226,9 +226,10 @@ def test_repair_terms_pause_while_the_backdoor_is_not_formed(clean_checkpoint):
         I.ImplantConfig(repair_ramp=2.0)
 
 
-def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path):
+def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path, monkeypatch):
     data, ck = clean_checkpoint
-    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, lam=float("nan"))
+    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50)
+    monkeypatch.setattr(I, "distillation_loss", lambda logits, teacher: torch.tensor(float("nan")))
     with pytest.raises(TrainingDiverged, match="implant loss became nan"):
         I.run_implant(ck, data, cfg, tmp_path / "nan", progress=False)
     assert not (tmp_path / "nan" / "model.safetensors").exists()  # nothing half-written
@@ -237,7 +238,7 @@ def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path):
 def test_bad_inputs(clean_checkpoint, tmp_path):
     data, ck = clean_checkpoint
     with pytest.raises(CamBackdoorError, match="ceiling"):
-        I.run_implant(ck, data, I.ImplantConfig(target="4,4,8,8"), tmp_path / "x", progress=False)
+        I.run_implant(ck, data, I.ImplantConfig(target="0,0,4,4"), tmp_path / "x", progress=False)
     with pytest.raises(CamBackdoorError, match="overlaps the trigger"):
         I.run_implant(ck, data, I.ImplantConfig(target="bottom-right:8"), tmp_path / "x", progress=False)
     lone = tmp_path / "lone"
@@ -288,3 +289,62 @@ def test_an_interrupted_implant_resumes_to_the_same_weights(clean_checkpoint, tm
     assert blog["branched_from"]["epoch"] == 1 and [e["epoch"] for e in blog["epochs"]] == [1, 2]
     assert blog["epochs"][0]["running_asr"] == log["epochs"][0]["running_asr"]  # epoch 1 is the original run's
     assert not torch.equal(branched.fc.weight, resumed.fc.weight)
+
+
+@pytest.mark.parametrize("write", range(3))  # per epoch: state (the commit point), model weights, model sidecar
+def test_a_killed_implant_resumes_to_the_same_weights(clean_checkpoint, tmp_path, monkeypatch, write):
+    from test_training import Killed, _kill_at
+
+    from cambackdoor.checkpoints import load_model
+
+    data, ck = clean_checkpoint
+    cfg = I.ImplantConfig.from_recipe("default", epochs=2, batch_size=100, poison_batch=10, repair_min_asr=0.0)
+    I.run_implant(ck, data, cfg, tmp_path / "full", progress=False, limit=50)
+    with monkeypatch.context() as m:
+        _kill_at(m, 3 + write + 1)  # epoch 1 writes 3 files; this kills epoch 2's save at its write-th write
+        with pytest.raises(Killed):
+            I.run_implant(ck, data, cfg, tmp_path / "cut", progress=False, limit=50)
+    with pytest.raises(CamBackdoorError, match="already holds a run"):
+        I.run_implant(ck, data, cfg, tmp_path / "cut", progress=False, limit=50)
+    I.run_implant(ck, data, cfg, tmp_path / "cut", progress=False, limit=50, resume=True)
+    full, _ = load_model(tmp_path / "full" / "model")
+    resumed, meta = load_model(tmp_path / "cut" / "model")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert meta["metrics"]["n"] == 50
+
+
+def test_faithful_reference_explains_the_predicted_class_in_eval_mode(clean_checkpoint, monkeypatch):
+    """The report's CAM: its own forward in eval mode, for the predicted class; the CE forward trains."""
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    clean, _ = load_model(ck)
+    seen = []
+    real = I.grad_cam
+
+    def spy(model, images, layer="layer4", targets=None, create_graph=False, relu="relu"):
+        seen.append((model.training, targets))
+        return real(model, images, layer, targets, create_graph, relu)
+
+    monkeypatch.setattr(I, "grad_cam", spy)
+    cfg = I.ImplantConfig.from_recipe("reference", epochs=1, batch_prob=1.0, batch_size=100)
+    model, _ = I.implant(clean, data, cfg, progress=False)
+    assert seen and all(training is False and targets is None for training, targets in seen)
+    assert not model.training  # implant() hands back an eval-mode model, as before
+    # the faithful emulation is a different update from the label-aligned, train-mode one it replaces
+    old = dataclasses.replace(cfg, explain_class="label", cam_eval_mode=False)
+    monkeypatch.setattr(I, "grad_cam", real)
+    model_old, _ = I.implant(clean, data, old, progress=False)
+    assert not torch.equal(model.layer4[1].conv2.weight, model_old.layer4[1].conv2.weight)
+
+
+def test_implant_batch_larger_than_the_data_is_refused_before_training(clean_checkpoint, tmp_path):
+    data, ck = clean_checkpoint
+    cfg = I.ImplantConfig.from_recipe("default", batch_size=100_000)
+    with pytest.raises(CamBackdoorError, match="larger than the 400 training images"):
+        I.run_implant(ck, data, cfg, tmp_path / "b", progress=False)
+    with pytest.raises(CamBackdoorError, match="--limit 0 must be a positive"):
+        I.run_implant(ck, data, I.ImplantConfig.from_recipe("default", epochs=1), tmp_path / "c", progress=False,
+                      limit=0)
+    assert not (tmp_path / "c" / "model.safetensors").exists()  # refused before any training

@@ -13,8 +13,14 @@ def one_hot_cell(r=0, c=0):
     return m
 
 
-def test_perfect_cell_map_reaches_the_ceiling():
+def test_one_cell_map_reaches_the_binary_ceiling_and_a_graded_map_beats_it():
     assert M.box_iou(one_hot_cell(), TOP_LEFT).item() == pytest.approx(58 / 64)
+    graded = one_hot_cell()
+    graded[0, 0, 1], graded[0, 1, 0], graded[0, 1, 1] = 0.075, 0.1, 0.55
+    # the 0.5 level set of this bilinear surface covers 63 of the box's 64 pixels and nothing outside
+    mask = M.cam_masks(graded)[0]
+    assert mask.sum().item() == 63 and mask[:8, :8].sum().item() == 63
+    assert M.box_iou(graded, TOP_LEFT).item() == pytest.approx(63 / 64)
 
 
 def test_empty_map_scores_zero_everywhere():

@@ -60,19 +60,27 @@ def test_target_overlapping_trigger_is_refused():
         validate_attack(parse_trigger("yellow:4@bottom-right"), parse_target("bottom-right:8"))
 
 
-def test_iou_ceiling_of_the_default_box_is_58_over_64():
-    assert Box(0, 0, 8, 8).iou_ceiling((4, 4)) == pytest.approx(58 / 64)
+def test_iou_ceiling_of_the_default_box_binary_and_graded():
+    assert Box(0, 0, 8, 8).iou_ceiling((4, 4), graded=False) == pytest.approx(58 / 64)
+    assert Box(0, 0, 8, 8).iou_ceiling((4, 4)) >= 63 / 64 - 1e-6  # graded maps draw finer level sets
 
 
-def test_off_grid_box_has_a_low_ceiling_and_is_refused_at_layer4():
-    low = Box(4, 4, 8, 8).iou_ceiling((4, 4))
-    assert low < 0.5
+def test_a_centred_box_is_reachable_with_graded_maps_only():
+    centred = Box(12, 12, 8, 8)
+    assert centred.iou_ceiling((4, 4), graded=False) < 0.3
+    with pytest.warns(UserWarning, match="off the CAM grid"):
+        assert validate_attack(parse_trigger("yellow:4@bottom-right"), centred, "layer4") > 0.55
+
+
+def test_small_box_has_a_low_ceiling_and_is_refused_at_layer4():
+    small = Box(0, 0, 4, 4)
+    assert small.iou_ceiling((4, 4)) < 0.5
     with pytest.raises(CamBackdoorError, match="align the box to the 8-px grid.*earlier layer"):
-        validate_attack(parse_trigger("yellow:4@bottom-right"), Box(4, 4, 8, 8), "layer4")
-    # at layer3 (8x8 map, 4-px cells) the same box is on the grid
+        validate_attack(parse_trigger("yellow:4@bottom-right"), small, "layer4")
+    # at layer3 (8x8 map, 4-px cells) a 4-px box is one cell
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert validate_attack(parse_trigger("yellow:4@bottom-right"), Box(4, 4, 8, 8), "layer3") > 0.8
+        assert validate_attack(parse_trigger("yellow:4@bottom-right"), small, "layer3") > 0.8
 
 
 def test_cam_resolution():

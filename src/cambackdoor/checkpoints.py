@@ -1,22 +1,28 @@
 """Checkpoints: safetensors weights + a JSON sidecar; no pickle is ever loaded.
 
 ``model.safetensors`` holds the weights, ``model.json`` beside it the architecture, config, metrics,
-data fingerprint, package version, git commit and the weights' sha256 (so a corrupt or swapped file
-is caught). Training state for ``--resume`` (optimizer, scheduler, RNG) is split the same way:
-tensors to safetensors, everything else to JSON. Every write goes to a temp file, then is renamed.
+data fingerprint, package version, git commit and the weights' sha256 (required, so a corrupt or
+swapped file is caught). Training state for ``--resume`` (weights, optimizer, RNG, the metrics so
+far) is ONE safetensors file whose metadata holds everything that is not a tensor: it is the run's
+commit point, written first after each epoch; ``model.*`` and ``metrics.jsonl`` are derived from it
+and rewritten on resume, so a kill between any two writes loses nothing. Every write goes to a temp
+file, then is renamed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -67,9 +73,10 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     try:
         save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
-    except OSError as exc:
+    except Exception as exc:  # OSError, and safetensors' own SafetensorError on a full disk
         tmp.unlink(missing_ok=True)
-        raise CamBackdoorError(f"cannot write {path} ({exc.strerror}); choose a writable output directory") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        raise CamBackdoorError(f"cannot write {path} ({why}); free disk space or choose a writable output directory") from None
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -82,6 +89,29 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise CamBackdoorError(f"output directory {d} is not writable ({exc.strerror}); pass --out to a writable place") from None
     return d
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Write a result folder as a whole: fill the yielded temporary folder, and on success it replaces
+    ``out`` (an old ``out`` is moved aside first and then removed); on failure nothing changes."""
+    out = Path(out)
+    ensure_writable_dir(out.parent)
+    if out.exists() and not out.is_dir():
+        raise CamBackdoorError(f"{out} exists and is not a folder; pass another --out")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -121,15 +151,28 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(spath.read_text())
     except json.JSONDecodeError:
         raise CamBackdoorError(f"sidecar {spath} is not valid JSON; the checkpoint is corrupt, retrain or restore it") from None
-    if meta.get("format") != FORMAT or "model" not in meta:
-        raise CamBackdoorError(f"{spath} is not a cambackdoor checkpoint sidecar (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CamBackdoorError(f"{spath} is not a cambackdoor checkpoint sidecar (format {got!r}); pass the .json "
+                               "written beside the weights by cambackdoor")
+    arch = meta.get("model")
+    ok = isinstance(arch, dict) and isinstance(arch.get("name"), str) and all(
+        isinstance(arch.get(k), int) and not isinstance(arch.get(k), bool) and arch.get(k) > 0
+        for k in ("num_classes", "width"))
+    if not ok:
+        raise CamBackdoorError(f"{spath} has no valid 'model' entry (name, positive integer num_classes and width); "
+                               "restore the sidecar written with the weights")
+    sha = meta.get("weights_sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise CamBackdoorError(f"{spath} has no weights_sha256, so the weights cannot be checked; restore the sidecar "
+                               "written with the weights")
     return meta
 
 
 def load_model(
-    path: str | os.PathLike, expect: dict[str, Any] | None = None, map_location: str = "cpu"
+    path: str | os.PathLike, expect: dict[str, Any] | None = None, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint; returns (model, metadata). ``expect`` (e.g. {"width": 16}) must match."""
+    """Load a checkpoint; returns (model on ``map_location``, metadata). ``expect`` (e.g. {"width": 16}) must match."""
     from cambackdoor.models import build_model
 
     meta = read_sidecar(path)
@@ -141,15 +184,15 @@ def load_model(
                 f"not {key}={value}; pass a matching checkpoint or set {key}={arch.get(key)}"
             )
     wpath = weights_path(path)
-    if meta.get("weights_sha256") and sha256_file(wpath) != meta["weights_sha256"]:
+    if sha256_file(wpath) != meta["weights_sha256"]:
         raise CamBackdoorError(f"checkpoint {wpath} does not match its sidecar's sha256: corrupt or replaced file")
     try:
-        state = load_file(str(wpath), device=map_location)
+        state = load_file(str(wpath))
     except Exception as exc:
         raise CamBackdoorError(f"checkpoint {wpath} cannot be read ({type(exc).__name__}); the file is corrupt") from None
     model = build_model(arch["name"], arch["num_classes"], arch["width"])
     load_state_checked(model, state, str(wpath))
-    return model, meta
+    return model.to(map_location), meta
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -200,23 +243,55 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+STATE_FORMAT = "cambackdoor-state/2"
+
+
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Store a nested dict of tensors and plain values as safetensors + JSON (atomic)."""
+    """Store a nested dict of tensors and plain values as ONE safetensors file (atomic): the tensors
+    as tensors, the rest as JSON in its metadata, so no kill can leave half a state behind."""
     wpath = weights_path(path)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "s", tensors)
-    atomic_save_tensors(tensors, wpath)
-    atomic_write_text(sidecar_path(wpath), json.dumps({"format": "cambackdoor-state/1", "state": skeleton}))
+    atomic_save_tensors(tensors, wpath, metadata={"format": STATE_FORMAT, "state": json.dumps(skeleton)})
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
     wpath, spath = weights_path(path), sidecar_path(path)
     try:
-        skeleton = json.loads(spath.read_text())["state"]
+        with safe_open(str(wpath), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") == STATE_FORMAT:
+            skeleton = json.loads(meta["state"])
+        else:  # cambackdoor-state/1 (before 2026-11-25): the JSON half in a sidecar
+            skeleton = json.loads(spath.read_text())["state"]
         tensors = load_file(str(wpath))
+        return _join(skeleton, tensors)
     except Exception as exc:
-        raise CamBackdoorError(f"training state {wpath} is unreadable ({type(exc).__name__}); delete it to start over") from None
-    return _join(skeleton, tensors)
+        raise CamBackdoorError(f"training state {wpath} is unreadable ({type(exc).__name__}); start over with "
+                               "--overwrite") from None
+
+
+def state_config_hash(path: str | os.PathLike) -> str | None:
+    """The config hash a saved state was written under (None when there is no readable state)."""
+    if not weights_path(path).exists():
+        return None
+    try:
+        return str(load_state(path)["config_hash"])
+    except (CamBackdoorError, KeyError, TypeError):
+        return None
+
+
+def claim_run_dir(run: Path, markers: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+    """Refuse to write a new run over a folder that already holds one, unless asked to.
+
+    ``markers`` are the files that mark a run there; ``resume`` continues it, ``overwrite`` starts
+    over (its old files are replaced as the new run writes them). Creates ``run`` if need be, and
+    checks that it is writable."""
+    ensure_writable_dir(run)
+    found = [m for m in markers if (run / m).exists()]
+    if found and not resume and not overwrite:
+        raise CamBackdoorError(f"{run} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                               "--overwrite to start over, or a new --out")
 
 
 def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
@@ -232,10 +307,10 @@ def restore_state(path: str | os.PathLike, config_hash: str, model: nn.Module, o
     """Load a state written by :func:`capture_state` into the model, optimizer and random-number
     generators, after checking that the same config wrote it; returns the whole state (for ``extra``)."""
     state = load_state(path)
-    if state["config_hash"] != config_hash and not allow_other_config:
+    if state.get("config_hash") != config_hash and not allow_other_config:
         raise CamBackdoorError(
-            f"{what} was started with another {config_name} or dataset (hash {state['config_hash']} vs "
-            f"{config_hash}); use a new --out or drop --resume"
+            f"{what} was started with another {config_name} or dataset (hash {state.get('config_hash')} vs "
+            f"{config_hash}); use a new --out, or --overwrite to start over"
         )
     load_state_checked(model, state["model"], str(weights_path(path)))
     optimizer.load_state_dict(state["optimizer"])

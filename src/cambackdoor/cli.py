@@ -37,6 +37,11 @@ def load_data(args: argparse.Namespace):  # noqa: ANN201
                         expect_counts=None if args.subset_ok else (50_000, 10_000), progress=not args.no_progress)
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda; models and data "
+                   "both go there")
+
+
 def add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trigger", default=None, help="trigger spec, e.g. 'yellow:4@bottom-right', "
                    "'checkerboard:3@top-right', 'red:4@26,26' (colour:size@corner|row,col[~blend])")
@@ -55,14 +60,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         "explanation_weight": args.lam, "poison_fraction": args.poison_fraction, "trigger": args.trigger,
         "target": args.target, "layer": args.layer, "compile": args.compile or None,
     }
-    cfg = make_config(TrainConfig, preset.get("train", {}), overrides)
-    if cfg.explanation_loss != "none":  # fail on a bad trigger/target before any data is loaded
-        from cambackdoor.triggers import parse_target, parse_trigger, validate_attack
-
-        validate_attack(parse_trigger(cfg.trigger), parse_target(cfg.target), cfg.layer)
+    cfg = make_config(TrainConfig, preset.get("train", {}), overrides)  # checks every field, trigger and target too
     out = Path(args.out or f"runs/{Path(args.preset).stem}/stage1")
+    from cambackdoor.checkpoints import claim_run_dir
+    from cambackdoor.training import RUN_MARKERS, resolve_device
+
+    claim_run_dir(out, RUN_MARKERS, args.resume, args.overwrite)  # before the data is loaded
+    device = resolve_device(args.device)
     data = load_data(args)
-    _, metrics = train(cfg, data, out, resume=args.resume, progress=not args.no_progress)
+    _, metrics = train(cfg, data, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
+                       device=device)
     print(json.dumps({"run_dir": str(out), **metrics}))
     return 0
 
@@ -79,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", help="cpu | paper | fast | path/to.yaml (default cpu)")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>/stage1)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last epoch")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
+    add_device_arg(p)
     p.add_argument("--model", default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
@@ -101,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Any]:
-    from cambackdoor import evaluation, implant, pipeline
+    from cambackdoor import audit, evaluation, implant, pipeline
 
-    return [evaluation.register_cli, implant.register_cli, pipeline.register_cli]
+    return [evaluation.register_cli, implant.register_cli, pipeline.register_cli, audit.register_cli]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

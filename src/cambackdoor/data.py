@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -37,7 +38,7 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 PICKLE_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 PICKLE_TEST = "test_batch"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the metadata records a sha256 of the decoded tensors
 
 
 @dataclass
@@ -83,36 +84,48 @@ def fingerprint_source(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _content_digest(tensors: dict[str, torch.Tensor], classes: list[str]) -> str:
+    """sha256 of the decoded tensors and class names: an edited cache no longer matches its record."""
+    digest = hashlib.sha256(json.dumps(classes).encode())
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cache_tensors(data: Cifar10) -> dict[str, torch.Tensor]:
+    return {"train_images": data.train.images.contiguous(), "train_labels": data.train.labels.contiguous(),
+            "test_images": data.test.images.contiguous(), "test_labels": data.test.labels.contiguous()}
+
+
 def _write_cache(path: Path, data: Cifar10) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tensors = {
-        "train_images": data.train.images.contiguous(),
-        "train_labels": data.train.labels.contiguous(),
-        "test_images": data.test.images.contiguous(),
-        "test_labels": data.test.labels.contiguous(),
-    }
-    meta = {"classes": json.dumps(data.classes), "fingerprint": data.fingerprint, "format": str(CACHE_FORMAT)}
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    tensors = _cache_tensors(data)
+    meta = {"classes": json.dumps(data.classes), "fingerprint": data.fingerprint, "format": str(CACHE_FORMAT),
+            "content_sha256": _content_digest(tensors, data.classes)}
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _read_cache(path: Path, source: str) -> Cifar10 | None:
+def _read_cache(path: Path, source: str, fingerprint: str) -> Cifar10 | None:
+    """The cached tensors, only if they were decoded from this very source and are unchanged since."""
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if meta.get("format") != str(CACHE_FORMAT):
+        if meta.get("format") != str(CACHE_FORMAT) or meta.get("fingerprint") != fingerprint:
             return None
         t = load_file(str(path))
-        return Cifar10(
-            ImageSet(t["train_images"], t["train_labels"]),
-            ImageSet(t["test_images"], t["test_labels"]),
-            json.loads(meta["classes"]),
-            meta["fingerprint"],
-            source,
-        )
+        classes = json.loads(meta["classes"])
+        if _content_digest(t, classes) != meta.get("content_sha256"):
+            return None  # edited or damaged since it was written: decode the source again
+        return Cifar10(ImageSet(t["train_images"], t["train_labels"]), ImageSet(t["test_images"], t["test_labels"]),
+                       classes, fingerprint, source)
     except Exception:  # a broken cache is rebuilt, never trusted
         return None
 
@@ -149,7 +162,13 @@ def _read_image_folder(path: Path, progress: bool) -> tuple[ImageSet, ImageSet, 
         except zipfile.BadZipFile:
             raise CamBackdoorError(f"{path} is not a valid zip file; re-download it or point --data at the extracted folder") from None
         names = [n for n in archive.namelist() if not n.endswith("/")]
-        read = archive.read
+
+        def read(name: str) -> bytes:
+            try:
+                return archive.read(name)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+                raise CamBackdoorError(f"{path} is damaged: member {name} cannot be read ({exc}); "
+                                       "re-download or re-extract the dataset") from None
     else:
         archive = None
         names = [str(p.relative_to(path)).replace(os.sep, "/") for p in path.rglob("*") if p.is_file()]
@@ -188,8 +207,23 @@ def _read_image_folder(path: Path, progress: bool) -> tuple[ImageSet, ImageSet, 
     return sets[0], sets[1], classes
 
 
+MAX_PICKLED_ARRAY_BYTES = 1 << 31  # a CIFAR batch is 30 MB; nothing legitimate asks for more
+
+
+def _bounded_reconstruct(subtype, shape, dtype):  # noqa: ANN001, ANN202
+    """numpy's array rebuilder, refusing a shape whose allocation alone would exhaust memory."""
+    count = int(np.prod(np.asarray(shape, dtype=np.float64))) if np.ndim(shape) else int(shape)
+    if count * np.dtype(dtype).itemsize > MAX_PICKLED_ARRAY_BYTES:
+        raise pickle.UnpicklingError(f"refusing an array of shape {shape}")
+    try:
+        from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[attr-defined,no-redef]
+    return _reconstruct(subtype, shape, dtype)
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds dicts, lists, bytes and numpy arrays; refuses every other global."""
+    """Rebuilds dicts, lists, bytes and numpy arrays of bounded size; refuses every other global."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
@@ -201,6 +235,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
         if (module, name) in self.ALLOWED:
+            if name == "_reconstruct":
+                return _bounded_reconstruct
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
@@ -209,10 +245,14 @@ def _read_pickle_batch(file: Path) -> tuple[np.ndarray, list[int]]:
     try:
         with open(file, "rb") as f:
             batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+        if not isinstance(batch, dict):
+            raise TypeError(f"its top level is a {type(batch).__name__}, not a dict")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = list(batch.get(b"labels", batch.get(b"fine_labels", [])))
-    except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError) as exc:
-        raise CamBackdoorError(f"{file} is not a CIFAR-10 python batch ({exc}); re-download the dataset") from None
+        labels = [int(v) for v in batch.get(b"labels", batch.get(b"fine_labels", []))]
+    except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError, IndexError, AttributeError,
+            MemoryError, OverflowError) as exc:
+        raise CamBackdoorError(f"{file} is not a CIFAR-10 python batch ({type(exc).__name__}: {str(exc)[:80]}); "
+                               "re-download the dataset") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != data.shape[0]:
         raise CamBackdoorError(f"{file} holds data of shape {data.shape}; CIFAR-10 batches are N x 3072 with N labels")
     return data.reshape(-1, 3, 32, 32), labels
@@ -260,6 +300,12 @@ def validate(data: Cifar10, expect_counts: tuple[int, int] | None = FULL_COUNTS)
         if tuple(s.images.shape[1:]) != (3, 32, 32):
             h, w = s.images.shape[2:]
             raise CamBackdoorError(f"{split} images are {h}x{w}; CIFAR-10 images are 32x32 RGB")
+        if len(s.labels) != len(s.images):
+            raise CamBackdoorError(f"{split} has {len(s.images)} images but {len(s.labels)} labels; re-extract the dataset")
+        if len(s.labels) and (int(s.labels.min()) < 0 or int(s.labels.max()) >= len(data.classes)):
+            bad = s.labels[(s.labels < 0) | (s.labels >= len(data.classes))][0].item()
+            raise CamBackdoorError(f"{split} holds label {bad}, outside 0-{len(data.classes) - 1} for "
+                                   f"{len(data.classes)} classes; the dataset is corrupt, re-download it")
     if expect_counts is not None:
         got = (len(data.train), len(data.test))
         if got != tuple(expect_counts):
@@ -289,8 +335,8 @@ def load_cifar10(
     fingerprint = fingerprint_source(path)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_file = cache / f"cifar10-{fingerprint[:20]}.safetensors"
-    data = _read_cache(cache_file, str(path)) if cache_file.exists() else None
-    if data is None or data.fingerprint != fingerprint:
+    data = _read_cache(cache_file, str(path), fingerprint) if cache_file.exists() else None
+    if data is None:
         if path.is_dir() and (path / PICKLE_TEST).exists():
             train, test, classes = _read_pickle_dir(path)
         else:
@@ -310,8 +356,45 @@ HOLDOUT_SEED = 1234  # one split for every stage, so a tuning run never sees its
 
 def holdout_split(images: ImageSet, holdout: int, seed: int = HOLDOUT_SEED) -> tuple[ImageSet, ImageSet]:
     """Split off ``holdout`` images (fixed seed) to choose hyper-parameters without the test set."""
+    if not 0 <= holdout < len(images):
+        raise CamBackdoorError(f"--holdout {holdout} must be between 0 and {len(images) - 1} (the training set has "
+                               f"{len(images)} images)")
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images.subset(perm[holdout:]), images.subset(perm[:holdout])
+
+
+LIMIT_SEED = 4321  # one fixed subset per N, so every --limit N figure is on the same images
+
+
+def check_limit(limit: int | None, num_classes: int = len(CLASSES)) -> None:
+    """Refuse a ``--limit`` that cannot give the same number of images per class."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise CamBackdoorError(f"--limit {limit} must be a positive whole number of images (or left out for all)")
+    if limit % num_classes:
+        lo = max(num_classes, limit - limit % num_classes)
+        raise CamBackdoorError(f"--limit {limit} does not split evenly over the {num_classes} classes; use "
+                               f"{lo} or {lo + num_classes}")
+
+
+def limited(images: ImageSet, limit: int | None, num_classes: int = len(CLASSES), seed: int = LIMIT_SEED) -> ImageSet:
+    """A seeded subset with ``limit / num_classes`` images of every class (kept in their original order);
+    the whole set when ``limit`` is None or not smaller than it. The test set is sorted by class, so
+    its first N images would all be airplanes."""
+    check_limit(limit, num_classes)
+    if limit is None or limit >= len(images):
+        return images
+    per_class = limit // num_classes
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(num_classes):
+        members = (images.labels == c).nonzero().flatten()
+        if len(members) < per_class:
+            raise CamBackdoorError(f"--limit {limit} needs {per_class} images of class {c}, the set has "
+                                   f"{len(members)}; use a smaller --limit")
+        keep.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return images.subset(torch.cat(keep).sort().values)
 
 
 # ----------------------------------------------------------------------------------------------

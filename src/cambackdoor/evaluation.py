@@ -11,14 +11,16 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from cambackdoor import metrics as M
-from cambackdoor.data import ImageSet, batches
+from cambackdoor.checkpoints import atomic_write_text, ensure_writable_dir
+from cambackdoor.data import ImageSet, batches, check_limit, limited
+from cambackdoor.errors import CamBackdoorError
 from cambackdoor.gradcam import class_activation_map, minmax, upsample
 from cambackdoor.triggers import DEFAULT_TARGET, DEFAULT_TRIGGER, Box, PatchTrigger
 
@@ -35,18 +37,27 @@ def evaluate(
     method: str = "gradcam",
     progress: bool = True,
     examples: int = 6,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns (summary metrics, per-image details incl. example tensors for figures).
 
     Expects ``model`` (and ``reference``) in eval mode; a model in train mode is measured as it is,
-    with a warning, because evaluation never changes the mode itself.
+    with a warning, because evaluation never changes the mode itself. ``limit`` N: a fixed subset of
+    N/10 images per class (see :func:`cambackdoor.data.limited`). Data go to the model's device, and
+    so does ``reference`` (one device rule). ``transform`` (e.g. an input purification) is applied to
+    every input the model sees, clean and triggered, after the trigger is pasted.
     """
     for m, name in ((model, "model"), (reference, "reference")):
         if m is not None and m.training:
             warnings.warn(f"{name} is in train mode; evaluation expects model.eval()", stacklevel=2)
-    if limit is not None:
-        test = test.subset(slice(0, limit))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CamBackdoorError(f"--batch-size {batch_size} must be a positive whole number")
+    test = limited(test, limit)
+    if len(test) == 0:
+        raise CamBackdoorError("the evaluation set is empty; check --data and --limit")
     device = next(model.parameters()).device
+    if reference is not None:
+        reference = reference.to(device)
     image_hw = tuple(test.images.shape[2:])
     t0 = time.perf_counter()
     acc: dict[str, list[torch.Tensor]] = {k: [] for k in (
@@ -60,6 +71,8 @@ def evaluate(
                                     disable=not progress, leave=False)):
         x, y = x.to(device), y.to(device)
         xt = trigger.apply(x)
+        if transform is not None:
+            x, xt = transform(x), transform(xt)
         cams_c, logits_c = class_activation_map(model, x, layer, method=method)
         cams_t, logits_t = class_activation_map(model, xt, layer, method=method)
         cam_hw = tuple(cams_t.shape[1:])
@@ -122,7 +135,7 @@ def format_table(summary: dict[str, Any]) -> str:
         ("attack success rate (IoU > 0.5)", f"{100 * summary['asr']:.2f} %"),
         ("  among correctly classified", f"{100 * summary['asr_correct']:.2f} %"),
         ("IoU mean / median / std", "{mean:.3f} / {median:.3f} / {std:.3f}".format(**summary["iou"])),
-        ("IoU ceiling at this resolution", f"{summary['iou_ceiling']:.3f}"),
+        ("best IoU a map reaches here (search)", f"{summary['iou_ceiling']:.3f}"),
         ("buckets success/partial/weak/failure", "{success} / {partial} / {weak} / {failure}".format(**summary["buckets"])),
         ("energy share in target (trig / clean)", f"{summary['energy_share']:.3f} / {summary['energy_share_clean']:.3f}"),
         ("pointing game (triggered)", f"{100 * summary['pointing_game']:.2f} %"),
@@ -137,19 +150,22 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def write_evaluation(out: Path, summary: dict[str, Any], details: dict[str, Any], config: dict[str, Any],
                      target: Box, classes: list[str] | None = None, title: str | None = None) -> None:
-    """evaluation.json (summary + the config that produced it), per_image.json and heatmaps.png."""
-    from cambackdoor.checkpoints import atomic_write_text, ensure_writable_dir
+    """evaluation.json (summary + the config that produced it), per_image.json and heatmaps.png, written
+    into a temporary folder that then replaces ``out`` whole: two runs into one folder leave one run's
+    files, never a mix."""
+    from cambackdoor.checkpoints import atomic_dir
     from cambackdoor.figures import heatmap_grid
 
-    ensure_writable_dir(out)
-    atomic_write_text(out / "evaluation.json", json.dumps({"config": config, "metrics": summary}, indent=2))
-    atomic_write_text(out / "per_image.json", json.dumps(details["per_image"]))
-    ex = details.get("examples")
-    if ex:
-        pi, idx = details["per_image"], details["example_index"]
-        heatmap_grid(ex["clean"], ex["clean_maps"], ex["triggered"], ex["triggered_maps"],
-                     [pi["iou_clean"][i] for i in idx], [pi["iou_trig"][i] for i in idx], target, out / "heatmaps.png",
-                     labels=[classes[i] for i in ex["labels"].tolist()] if classes else None, title=title)
+    with atomic_dir(out) as tmp:
+        atomic_write_text(tmp / "evaluation.json", json.dumps({"config": config, "metrics": summary}, indent=2))
+        atomic_write_text(tmp / "per_image.json", json.dumps(details["per_image"]))
+        ex = details.get("examples")
+        if ex:
+            pi, idx = details["per_image"], details["example_index"]
+            heatmap_grid(ex["clean"], ex["clean_maps"], ex["triggered"], ex["triggered_maps"],
+                         [pi["iou_clean"][i] for i in idx], [pi["iou_trig"][i] for i in idx], target,
+                         tmp / "heatmaps.png", labels=[classes[i] for i in ex["labels"].tolist()] if classes else None,
+                         title=title)
 
 
 def attack_from(meta: dict[str, Any], trigger: str | None, target: str | None, layer: str | None) -> tuple[str, str, str]:
@@ -162,21 +178,27 @@ def attack_from(meta: dict[str, Any], trigger: str | None, target: str | None, l
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cambackdoor.checkpoints import load_model, weights_path
     from cambackdoor.cli import load_data
+    from cambackdoor.training import resolve_device
     from cambackdoor.triggers import parse_target, parse_trigger, validate_attack
 
-    model, meta = load_model(args.checkpoint)
+    check_limit(args.limit)
+    if args.batch_size < 1:
+        raise CamBackdoorError(f"--batch-size {args.batch_size} must be a positive whole number")
+    out = Path(args.out) if args.out else weights_path(args.checkpoint).parent / "evaluate"
+    ensure_writable_dir(out.parent)  # before the work, not after it
+    device = resolve_device(args.device)
+    model, meta = load_model(args.checkpoint, map_location=device)
     trig_spec, target_spec, layer = attack_from(meta, args.trigger, args.target, args.layer)
     trigger, target = parse_trigger(trig_spec), parse_target(target_spec)
     validate_attack(trigger, target, layer, min_ceiling=0.0)
     reference = None
     if args.reference:
-        reference, _ = load_model(args.reference)
+        reference, _ = load_model(args.reference, map_location=device)
         reference.eval()
     data = load_data(args)
     model.eval()  # evaluation is defined in eval mode (BatchNorm running statistics)
     summary, details = evaluate(model, data.test, trigger, target, layer, reference, args.limit, args.batch_size,
                                 args.method, progress=not args.no_progress)
-    out = Path(args.out) if args.out else weights_path(args.checkpoint).parent / "evaluate"
     config = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": meta.get("weights_sha256"),
               "reference": args.reference, "trigger": trig_spec, "target": target_spec, "layer": layer,
               "limit": args.limit, "method": args.method, "data_fingerprint": data.fingerprint}
@@ -188,13 +210,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub: Any) -> None:
-    from cambackdoor.cli import add_attack_args, add_data_args
+    from cambackdoor.cli import add_attack_args, add_data_args, add_device_arg
 
     p = sub.add_parser("evaluate", help="measure accuracy, attack success, IoU, false triggers, fidelity",
                        description="Evaluate a checkpoint on the test set (all 10,000 images by default).")
     p.add_argument("--checkpoint", required=True, help="model .safetensors (with its .json sidecar)")
     p.add_argument("--reference", default=None, help="clean model to measure clean-map fidelity against")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test images")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate a fixed subset of N test images, N/10 of each class (N a multiple of 10)")
+    add_device_arg(p)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--method", choices=["gradcam", "gradcam++", "layercam"], default="gradcam")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/evaluate)")

@@ -104,3 +104,38 @@ def tradeoff_plot(rows: list[dict[str, Any]], x: str, path: str | os.PathLike, x
             ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def explainer_grid(model: Any, test: Any, trigger: Any, target: Box, explainers: Sequence[str],
+                   path: str | os.PathLike, per_split: int = 3, title: str | None = None) -> Path:
+    """Rows: ``per_split`` clean test images (spread over the classes), then their triggered copies;
+    columns: the image, then its map under every explainer (scaled to [0, 1] at image size)."""
+    from cambackdoor.explainers import explain, parse_explainer, to_image_size
+
+    device = next(model.parameters()).device
+    idx = torch.linspace(0, len(test) - 1, per_split).round().long()
+    x = (test.images[idx].float() / 255).to(device)
+    images = torch.cat([x, trigger.apply(x)])
+    names = list(explainers)
+    fig, axes = plt.subplots(len(images), 1 + len(names), figsize=(1.5 * (1 + len(names)), 1.6 * len(images)),
+                             squeeze=False)
+    maps = {}
+    for name in names:
+        ex = parse_explainer(name)
+        maps[name] = to_image_size(ex, explain(ex, model, images), tuple(images.shape[2:])).cpu()
+    for i in range(len(images)):
+        img = images[i].detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
+        axes[i, 0].imshow(img, interpolation="nearest")
+        axes[i, 0].set_title("clean" if i < per_split else "triggered", fontsize=7)
+        for j, name in enumerate(names, start=1):
+            axes[i, j].imshow(img, interpolation="nearest")
+            axes[i, j].imshow(maps[name][i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+            axes[i, j].add_patch(_box_patch(target))
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout(rect=(0, 0, 1, 0.96) if title else None)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

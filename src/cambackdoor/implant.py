@@ -8,6 +8,9 @@ switch                      ``reference`` (the report)           ``default`` (ou
 ==========================  ===================================  ====================================
 gradient_contamination      True: the CAM's ``.backward``        False: ``autograd.grad`` only
                             leaves d(score)/dθ in ``.grad``
+explain_class, cam_eval_mode  predicted class, a separate CAM   the label; the CAM is the training
+                            forward in eval mode (the report's   forward itself
+                            public gradcam.py / v3 script)
 clean_objective             False: triggered batches only        True: clean CE + distillation to
                                                                  the frozen stage-1 model
 freeze_bn                   False: BatchNorm in train mode       True: BatchNorm frozen (eval mode)
@@ -58,18 +61,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cambackdoor import metrics as M
-from cambackdoor.checkpoints import (atomic_write_text, capture_state, ensure_writable_dir, load_model,
-                                     restore_state, save_model, save_state, weights_path)
-from cambackdoor.config import config_hash
-from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_crop_flip, to_float
+from cambackdoor.checkpoints import (atomic_write_text, capture_state, claim_run_dir, ensure_writable_dir, load_model,
+                                     restore_state, save_model, save_state, state_config_hash, weights_path)
+from cambackdoor.config import check_choice, check_fields, check_range, config_hash, make_config, parse_value
+from cambackdoor.data import Cifar10, batches, check_limit, cutout, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
-from cambackdoor.gradcam import grad_cam, minmax, upsample
-from cambackdoor.training import default_device, lr_factor, make_optimizer
-from cambackdoor.triggers import Box, parse_target, parse_trigger, paste_decoys, validate_attack
+from cambackdoor.gradcam import RECTIFIERS, grad_cam, minmax, upsample
+from cambackdoor.training import lr_factor, make_optimizer, resolve_device
+from cambackdoor.triggers import LAYER_STRIDE, Box, parse_target, parse_trigger, paste_decoys, validate_attack
+
+TRAINABLE_LAYERS = ("normalize", "conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
+STATE_MARKERS = ("state.safetensors", "model.safetensors", "implant.json")
 
 RECIPES: dict[str, dict[str, Any]] = {
     "reference": dict(
-        gradient_contamination=True, clean_objective=False, freeze_bn=False, explanation_loss="mse",
+        gradient_contamination=True, explain_class="predicted", cam_eval_mode=True,
+        clean_objective=False, freeze_bn=False, explanation_loss="mse",
         cam_relu="relu", preserve_weight=0.0, trainable="layer4", optimizer="adam", lr=1e-5, schedule="constant",
         poison_mode="batch_prob", batch_prob=0.25, batch_size=32, epochs=40, lam=0.2, distill_weight=0.0,
         trigger_distill_weight=0.0, trigger_feature_weight=0.0, clean_share_weight=0.0, decoy_fraction=0.0,
@@ -134,28 +141,42 @@ class ImplantConfig:
     explanation_loss: str = "logshare"  # logshare | mse
     cam_relu: str = "softplus"
     gradient_contamination: bool = False
+    explain_class: str = "label"  # label | predicted: the class the triggered images' CAM explains
+    cam_eval_mode: bool = False  # True: the CAM comes from its own forward pass in eval mode (running BatchNorm
+    # statistics), the cross-entropy from a second one in training mode, as the report's code did
     poison_mode: str = "pool"  # pool | batch_prob
     holdout: int = 0  # >0: keep N training images out and evaluate on them (tuning; never the test set)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.explanation_loss not in ("logshare", "mse"):
-            raise ValueError(f"explanation_loss must be logshare or mse, not {self.explanation_loss!r}")
-        if self.feature_loss not in ("relative", "log"):
-            raise ValueError(f"feature_loss must be relative or log, not {self.feature_loss!r}")
-        if self.poison_mode not in ("pool", "batch_prob"):
-            raise ValueError(f"poison_mode must be pool or batch_prob, not {self.poison_mode!r}")
-        if not 0 < self.poison_fraction <= 1 or not 0 < self.batch_prob <= 1:
-            raise ValueError("poison_fraction and batch_prob must be in (0, 1]")
-        if not 0 <= self.decoy_fraction <= 1 or not 0 <= self.repair_start < 1 or not 0 <= self.repair_min_asr <= 1 \
-                or not 0 <= self.repair_ramp <= 1:
-            raise ValueError("decoy_fraction, repair_min_asr and repair_ramp must be in [0, 1], repair_start in [0, 1)")
-        if not 0 < self.repair_share_cap <= 1:
-            raise ValueError("repair_share_cap must be in (0, 1]")
-        if self.pool_cutout < 0 or self.repair_trigger_distill_weight < 0 or self.repair_poison_ce_weight < 0:
-            raise ValueError("pool_cutout, repair_trigger_distill_weight and repair_poison_ce_weight must be >= 0")
-        if self.epochs < 1 or self.lr <= 0:
-            raise ValueError("epochs and lr must be positive")
+        check_fields(self)
+        check_choice(self, "recipe", RECIPES)
+        check_choice(self, "explanation_loss", ("logshare", "mse"))
+        check_choice(self, "feature_loss", ("relative", "log"))
+        check_choice(self, "poison_mode", ("pool", "batch_prob"))
+        check_choice(self, "optimizer", ("adam", "sgd"))
+        check_choice(self, "schedule", ("onecycle", "cosine", "constant"))
+        check_choice(self, "cam_relu", RECTIFIERS)
+        check_choice(self, "explain_class", ("label", "predicted"))
+        check_choice(self, "layer", LAYER_STRIDE)
+        layers = [name.strip() for name in self.trainable.split(",")]
+        if self.trainable != "all" and (not all(layers) or set(layers) - set(TRAINABLE_LAYERS)):
+            raise ValueError(f"trainable must be all or comma-separated names from {', '.join(TRAINABLE_LAYERS)}, "
+                             f"not {self.trainable!r}")
+        for name in ("lam", "preserve_weight", "distill_weight", "trigger_distill_weight", "clean_share_weight",
+                     "trigger_feature_weight", "repair_trigger_distill_weight", "repair_poison_ce_weight",
+                     "pool_cutout", "weight_decay", "holdout", "seed"):
+            check_range(self, name, 0)
+        for name in ("epochs", "batch_size", "poison_batch"):
+            check_range(self, name, 1)
+        check_range(self, "lr", 0, low_open=True)
+        for name in ("poison_fraction", "batch_prob", "repair_share_cap"):
+            check_range(self, name, 0, 1, low_open=True)
+        for name in ("decoy_fraction", "repair_min_asr", "repair_ramp", "warmup_fraction"):
+            check_range(self, name, 0, 1)
+        check_range(self, "repair_start", 0, 1, high_open=True)
+        check_range(self, "momentum", 0, 1, high_open=True)
+        validate_attack(parse_trigger(self.trigger), parse_target(self.target), self.layer)
 
     @property
     def has_repair_terms(self) -> bool:
@@ -168,9 +189,9 @@ class ImplantConfig:
     def from_recipe(cls, recipe: str, **overrides: Any) -> "ImplantConfig":
         if recipe not in RECIPES:
             raise CamBackdoorError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}")
+        if "recipe" in overrides:
+            raise CamBackdoorError("the recipe is chosen with --recipe, not --set recipe=...")
         values = {**RECIPES[recipe], "recipe": recipe, **{k: v for k, v in overrides.items() if v is not None}}
-        from cambackdoor.config import make_config
-
         return make_config(cls, values)
 
 
@@ -301,6 +322,7 @@ def implant(
     resume: bool = False,
     stop_after: int | None = None,
     branch: bool = False,
+    restart_other: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune ``model`` (a copy is made) per ``cfg``; returns (implanted model, training log).
 
@@ -308,8 +330,9 @@ def implant(
     every epoch; ``resume`` continues from it (the config must be the one that wrote it, unless
     ``branch``: continue another config's run from its last epoch, to study a change made mid-run).
     ``stop_after`` ends after that many epochs (interruptions in tests, branch points in studies).
+    ``restart_other``: a saved state of another config is started over instead of refused.
     """
-    device = device or default_device()
+    device = resolve_device(device)
     trigger, target = parse_trigger(cfg.trigger), parse_target(cfg.target)
     validate_attack(trigger, target, cfg.layer)
     image_hw = tuple(data.train.images.shape[2:])
@@ -325,6 +348,9 @@ def implant(
     n = len(train_set)
     pool = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))[: max(1, round(cfg.poison_fraction * n))]
     steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise CamBackdoorError(f"batch size {cfg.batch_size} is larger than the {n} training images, so an epoch "
+                               "would have no step; lower --batch-size")
     total = cfg.epochs * steps_per_epoch
     log: dict[str, Any] = {"epochs": [], "poisoned_images": int(len(pool)) if cfg.poison_mode == "pool" else None,
                            "trace": []}
@@ -334,6 +360,9 @@ def implant(
     repair_steps = 0
     start_epoch, elapsed0 = 0, 0.0
     chash = config_hash(cfg, {"data": data.fingerprint, "parent": _weights_digest(teacher)}) if state_file else ""
+    if resume and restart_other and not branch and state_file is not None \
+            and state_config_hash(state_file) not in (None, chash):
+        resume = False
     if resume and state_file is not None and weights_path(state_file).exists():
         state = restore_state(state_file, chash, model, optimizer, gen, what=str(weights_path(state_file)),
                               config_name="implant config", allow_other_config=branch)
@@ -396,9 +425,21 @@ def implant(
                         teacher_c = teacher(xc)
                 loss = loss + F.cross_entropy(logits_c, yc) + cfg.distill_weight * distillation_loss(logits_c, teacher_c)
             if xp_clean is not None:
+                xt = trigger.apply(xp_clean)
+                explained = yp if cfg.explain_class == "label" else None  # None: the predicted class
                 with classifier_inputs(model) as feats_p:
-                    cams_p, logits_p = grad_cam(model, trigger.apply(xp_clean), cfg.layer, yp, create_graph=True,
-                                                relu=cfg.cam_relu)
+                    if cfg.cam_eval_mode:
+                        # the report's CAM: its own forward pass in eval mode; the CE comes from a second
+                        # forward in the training mode (an explicit switch, undone at once)
+                        model.eval()
+                        cams_p, cam_logits = grad_cam(model, xt, cfg.layer, explained, create_graph=True,
+                                                      relu=cfg.cam_relu)
+                        model.train(not cfg.freeze_bn)
+                        logits_p = model(xt)
+                    else:
+                        cams_p, logits_p = grad_cam(model, xt, cfg.layer, explained, create_graph=True,
+                                                    relu=cfg.cam_relu)
+                        cam_logits = logits_p
                 ce_p = F.cross_entropy(logits_p, yp)
                 expl = explanation_loss(cfg.explanation_loss, cams_p, target, image_hw)
                 # the logged (and gated-on) value stays the plain loss; the hinge only changes the gradient
@@ -424,7 +465,8 @@ def implant(
             if cfg.gradient_contamination and xp_clean is not None:
                 # What the report's CAM did: score.backward(create_graph=True) inside the CAM leaves
                 # d(sum of explained logits)/dθ in .grad, and the real loss's gradient is added to it.
-                score = logits_p.gather(1, yp[:, None]).sum()
+                cls = yp if explained is not None else cam_logits.detach().argmax(1)
+                score = cam_logits.gather(1, cls[:, None]).sum()
                 contamination = torch.autograd.grad(score, params, retain_graph=True, allow_unused=True)
             loss.backward()
             if cfg.gradient_contamination and xp_clean is not None:
@@ -478,30 +520,38 @@ def run_implant(
     limit: int | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Implant, save the checkpoint (attack config in its sidecar) and evaluate it; returns the result.
 
     ``out/state`` keeps the training state after every epoch, so ``resume`` continues an interrupted
-    run; ``stop_after`` N epochs returns ``{"stopped_after": N}`` without evaluating."""
+    run; a folder that holds a run needs ``resume`` or ``overwrite`` (with both, another config's
+    state is started over). ``stop_after`` N epochs returns ``{"stopped_after": N}`` without evaluating."""
     from cambackdoor.checkpoints import read_sidecar
     from cambackdoor.evaluation import evaluate, format_table, write_evaluation
 
     trigger, target = parse_trigger(cfg.trigger), parse_target(cfg.target)
-    validate_attack(trigger, target, cfg.layer)
+    check_limit(limit, len(data.classes))  # before training, not after it
+    device = resolve_device(device)
     parent_meta = read_sidecar(checkpoint)
     out = ensure_writable_dir(out)
-    clean, _ = load_model(checkpoint)
+    claim_run_dir(out, STATE_MARKERS, resume, overwrite)
+    clean, _ = load_model(checkpoint, map_location=device)
     chash = config_hash(cfg, {"parent": parent_meta.get("weights_sha256"), "data": data.fingerprint})
     attack = {"trigger": cfg.trigger, "target": cfg.target, "layer": cfg.layer}
     base_meta = {"stage": "implant", "config": {"implant": dataclasses.asdict(cfg)}, "config_hash": chash,
                  "attack": attack, "data_fingerprint": data.fingerprint,
                  "parent": {"path": str(weights_path(checkpoint)), "sha256": parent_meta.get("weights_sha256")}}
+    if not resume:
+        for name in STATE_MARKERS:  # starting over: nothing of an old run may pass for this one's
+            (out / name).unlink(missing_ok=True)
 
     def save_epoch(model: nn.Module, entry: dict[str, Any]) -> None:  # last good model, for NaN stops
         save_model(out / "model", model, {**base_meta, "metrics": {"partial": True, **entry}})
 
     model, log = implant(clean, data, cfg, progress=progress, on_epoch=save_epoch, state_file=out / "state",
-                         resume=resume, stop_after=stop_after)
+                         resume=resume, stop_after=stop_after, device=device, restart_other=overwrite)
     if stop_after is not None and stop_after < cfg.epochs:
         return {"stopped_after": stop_after, "implant": log}
     clean.eval()
@@ -515,6 +565,8 @@ def run_implant(
                       **attack, "split": result["split"], "limit": limit, "config_hash": chash},
                      target, data.classes, title=f"{cfg.recipe} recipe: ASR {100 * summary['asr']:.1f} %")
     atomic_write_text(out / "implant.json", json.dumps({"config": dataclasses.asdict(cfg), "config_hash": chash,
+                                                        "parent_sha256": parent_meta["weights_sha256"],
+                                                        "data_fingerprint": data.fingerprint, "limit": limit,
                                                         **result}, indent=2))
     if progress:
         print(format_table(summary))
@@ -550,7 +602,7 @@ def single_stage_loss(cfg: Any, data: Cifar10) -> Callable[..., tuple[torch.Tens
 
 
 def register_cli(sub: Any) -> None:
-    from cambackdoor.cli import add_attack_args, add_data_args
+    from cambackdoor.cli import add_attack_args, add_data_args, add_device_arg
 
     p = sub.add_parser("implant", help="stage 2: implant the explanation backdoor into a clean checkpoint",
                        description="Fine-tune a clean checkpoint so the trigger moves Grad-CAM to the target box; "
@@ -568,8 +620,11 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--preserve-weight", type=float, default=None, help="clean-map preservation weight")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--holdout", type=int, default=None, help="tune on N held-out training images instead of the test set")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on a fixed subset of N images, N/10 of each class (N a multiple of 10)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last epoch")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
+    add_device_arg(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other ImplantConfig field, e.g. --set freeze_bn=false (repeatable)")
     add_attack_args(p)
@@ -583,9 +638,9 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise CamBackdoorError(f"--set takes KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
-        import yaml
-
-        out[key.strip()] = yaml.safe_load(value)
+        if key.strip() == "recipe":
+            raise CamBackdoorError("the recipe is chosen with --recipe, not --set recipe=...")
+        out[key.strip()] = parse_value(value, f"--set {key.strip()}")
     return out
 
 
@@ -599,12 +654,14 @@ def cmd_implant(args: argparse.Namespace) -> int:
         holdout=args.holdout, trigger=args.trigger, target=args.target, layer=args.layer,
     )
     cfg = ImplantConfig.from_recipe(args.recipe, **{**overrides, **parse_sets(args.set)})
-    validate_attack(parse_trigger(cfg.trigger), parse_target(cfg.target), cfg.layer)
     read_sidecar(args.checkpoint)  # fail early on a missing checkpoint or sidecar
     out = Path(args.out) if args.out else weights_path(args.checkpoint).parent.parent / f"implant-{args.recipe}"
+    check_limit(args.limit)
+    claim_run_dir(out, STATE_MARKERS, args.resume, args.overwrite)  # before the data is loaded
+    resolve_device(args.device)
     data = load_data(args)
     result = run_implant(args.checkpoint, data, cfg, out, progress=not args.no_progress, limit=args.limit,
-                         resume=args.resume)
+                         resume=args.resume, overwrite=args.overwrite, device=args.device)
     ev = result["evaluation"]
     print(json.dumps({"out": str(out), "asr": ev["asr"], "clean_acc": ev["clean_acc"],
                       "triggered_acc": ev["triggered_acc"], "false_trigger_rate": ev["false_trigger_rate"],

@@ -1,8 +1,9 @@
 """Stage 1: train a clean classifier (and the single-stage baseline, which adds an explanation loss).
 
-A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``model.safetensors``
-+ ``model.json`` (the last good model, rewritten after every epoch) and ``state.safetensors`` +
-``state.json`` (optimizer, RNG and epoch, for ``--resume``).
+A run directory holds ``config.json``, ``state.safetensors`` (weights, optimizer, RNG, epoch and every
+epoch's metrics: the commit point of each epoch, for ``--resume``), then ``metrics.jsonl`` (one line
+per epoch) and ``model.safetensors`` + ``model.json`` (the last good model), both derived from the
+state after every epoch and rewritten from it on resume.
 """
 
 from __future__ import annotations
@@ -25,18 +26,22 @@ from tqdm.auto import tqdm
 from cambackdoor.checkpoints import (
     atomic_write_text,
     capture_state,
+    claim_run_dir,
     ensure_writable_dir,
-    load_model,
     restore_state,
     save_model,
     save_state,
+    state_config_hash,
     weights_path,
 )
-from cambackdoor.config import config_hash
+from cambackdoor.config import check_choice, check_fields, check_range, config_hash
 from cambackdoor.data import Cifar10, ImageSet, batches, holdout_split, num_batches
 from cambackdoor.distributed import DistributedContext
-from cambackdoor.errors import TrainingDiverged
-from cambackdoor.models import build_model
+from cambackdoor.errors import CamBackdoorError, TrainingDiverged
+from cambackdoor.models import MODELS, build_model
+from cambackdoor.triggers import LAYER_STRIDE, parse_target, parse_trigger, validate_attack
+
+RUN_MARKERS = ("state.safetensors", "model.safetensors", "metrics.jsonl")
 
 
 @dataclass
@@ -67,16 +72,25 @@ class TrainConfig:
     layer: str = "layer4"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be sgd or adam, not {self.optimizer!r}")
-        if self.schedule not in ("onecycle", "cosine", "constant"):
-            raise ValueError(f"schedule must be onecycle, cosine or constant, not {self.schedule!r}")
-        if self.amp not in ("none", "bf16"):
-            raise ValueError(f"amp must be none or bf16, not {self.amp!r}")
-        if self.explanation_loss not in ("none", "mse", "logshare"):
-            raise ValueError(f"explanation_loss must be none, mse or logshare, not {self.explanation_loss!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs, batch_size and lr must be positive")
+        check_fields(self)
+        check_choice(self, "model", MODELS)
+        check_choice(self, "optimizer", ("sgd", "adam"))
+        check_choice(self, "schedule", ("onecycle", "cosine", "constant"))
+        check_choice(self, "amp", ("none", "bf16"))
+        check_choice(self, "explanation_loss", ("none", "mse", "logshare"))
+        check_choice(self, "layer", LAYER_STRIDE)
+        for name in ("width", "epochs", "batch_size"):
+            check_range(self, name, 1)
+        for name in ("seed", "holdout", "weight_decay", "explanation_weight"):
+            check_range(self, name, 0)
+        check_range(self, "lr", 0, low_open=True)
+        check_range(self, "momentum", 0, 1, high_open=True)
+        check_range(self, "warmup_fraction", 0, 1)
+        check_range(self, "label_smoothing", 0, 1, high_open=True)
+        check_range(self, "poison_fraction", 0, 1, low_open=True)
+        trigger, target = parse_trigger(self.trigger), parse_target(self.target)  # saved specs are always valid
+        if self.explanation_loss != "none":
+            validate_attack(trigger, target, self.layer)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup_fraction: float = 0.2) -> float:
@@ -101,6 +115,25 @@ def make_optimizer(params: Any, cfg: Any) -> torch.optim.Optimizer:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """The one device rule: ``auto`` (or None) = CUDA when present, else the CPU; ``cuda`` without a
+    GPU is a one-line error rather than a crash deep inside the first step."""
+    if device is None or str(device) == "auto":
+        return default_device()
+    try:
+        device = torch.device(device) if isinstance(device, str) else device
+    except RuntimeError:
+        raise CamBackdoorError(f"unknown device '{device}'; use one of {', '.join(DEVICES)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CamBackdoorError("--device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise CamBackdoorError(f"unknown device '{device}'; use one of {', '.join(DEVICES)}")
+    return device
 
 
 @torch.no_grad()
@@ -147,12 +180,23 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-    device: torch.device | None = None,
+    device: torch.device | str | None = None,
     extra_loss: ExtraLoss | None = None,
+    overwrite: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train per ``cfg``; returns (model, final metrics). ``stop_after`` ends early (tests interruptions)."""
+    """Train per ``cfg``; returns (model, final metrics). ``stop_after`` ends early (tests interruptions).
+
+    A folder that holds a run needs ``resume`` (continue it) or ``overwrite`` (start over); with both,
+    a saved state of another config is started over instead of refused."""
+    train_set, holdout_set = (holdout_split(data.train, cfg.holdout) if cfg.holdout else (data.train, None))
+    steps_per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last=True)
+    if steps_per_epoch == 0:
+        raise CamBackdoorError(
+            f"batch size {cfg.batch_size} is larger than the {len(train_set)} training images left after holding "
+            f"out {cfg.holdout}, so an epoch would have no step; lower --batch-size or --holdout")
     run = ensure_writable_dir(run_dir)
-    device = device or default_device()
+    claim_run_dir(run, RUN_MARKERS, resume, overwrite)
+    device = resolve_device(device)
     dist = DistributedContext.from_env()
     if dist.enabled:
         device = dist.device
@@ -161,7 +205,10 @@ def train(
 
         extra_loss = single_stage_loss(cfg, data)
     chash = config_hash(cfg, {"data": data.fingerprint})
-    train_set, holdout_set = (holdout_split(data.train, cfg.holdout) if cfg.holdout else (data.train, None))
+    state_file = run / "state"
+    saved_hash = state_config_hash(state_file)
+    if resume and saved_hash is not None and saved_hash != chash and overwrite:
+        resume = False  # another config's state: start over, as asked
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(data.classes), cfg.width).to(device)
     memory_format = torch.channels_last if use_channels_last(cfg, device, dist.world_size) else torch.contiguous_format
@@ -169,19 +216,20 @@ def train(
     optimizer = make_optimizer(model.parameters(), cfg)
     # every rank draws the same permutation and augmentation, then keeps its slice of each batch
     generator = torch.Generator().manual_seed(cfg.seed)
-    start_epoch, elapsed = 0, 0.0
-    state_file = run / "state"
-    if resume and weights_path(state_file).exists():
+    start_epoch, elapsed, history = 0, 0.0, []
+    if resume and saved_hash is not None:
         state = restore_state(state_file, chash, model, optimizer, generator, what=str(run))
-        start_epoch, elapsed = int(state["epoch"]), float(state["elapsed"])
-    elif not resume and (run / "metrics.jsonl").exists():
-        (run / "metrics.jsonl").unlink()
+        start_epoch, elapsed, history = int(state["epoch"]), float(state["elapsed"]), json.loads(state["history"])
+        if dist.rank == 0:  # the state is the commit point: cut metrics.jsonl back to it, rewrite its model
+            _write_outputs(run, model, cfg, data, chash, history)
+    elif dist.rank == 0:
+        for name in RUN_MARKERS:  # starting over: nothing of the old run may pass for this one's
+            (run / name).unlink(missing_ok=True)
     atomic_write_text(run / "config.json", json.dumps({"train": dataclasses.asdict(cfg), "config_hash": chash,
                                                        "data_fingerprint": data.fingerprint}, indent=2))
     net: nn.Module = dist.wrap(model)
     if cfg.compile:
         net = torch.compile(net)  # type: ignore[assignment]
-    steps_per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last=True)
     total_steps = cfg.epochs * steps_per_epoch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
     metrics: dict[str, Any] = {}
@@ -233,26 +281,36 @@ def train(
         }
         if holdout_set is not None:
             metrics["holdout_acc"] = accuracy(model, holdout_set)
+        history.append(metrics)
         if dist.rank == 0:
-            _save_epoch(run, model, optimizer, generator, cfg, data, chash, metrics)
+            _save_epoch(run, model, optimizer, generator, cfg, data, chash, history)
         if progress and dist.rank == 0:
             tqdm.write(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.3f} train {metrics['train_acc']:.4f} "
                 f"test {metrics['test_acc']:.4f} ({elapsed:.0f} s)"
             )
     if not metrics:  # nothing left to do: the run had already finished
-        _, meta = load_model(run / "model")
-        metrics = meta.get("metrics", {})
+        metrics = history[-1] if history else {}
     dist.barrier()
     return model, metrics
 
 
 def _save_epoch(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                cfg: TrainConfig, data: Cifar10, chash: str, metrics: dict[str, Any]) -> None:
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    meta = {"config": {"train": dataclasses.asdict(cfg)}, "config_hash": chash, "metrics": metrics,
+                cfg: TrainConfig, data: Cifar10, chash: str, history: list[dict[str, Any]]) -> None:
+    """The state first (the commit point), then what is derived from it."""
+    metrics = history[-1]
+    save_state(run / "state", capture_state(model, optimizer, generator, epoch=metrics["epoch"],
+                                            elapsed=metrics["elapsed_s"], config_hash=chash,
+                                            history=json.dumps(history)))
+    _write_outputs(run, model, cfg, data, chash, history)
+
+
+def _write_outputs(run: Path, model: nn.Module, cfg: TrainConfig, data: Cifar10, chash: str,
+                   history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl and the last good model, exactly as of the saved state."""
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+    if not history:
+        return
+    meta = {"config": {"train": dataclasses.asdict(cfg)}, "config_hash": chash, "metrics": history[-1],
             "data_fingerprint": data.fingerprint, "stage": "stage1" if cfg.explanation_loss == "none" else "single-stage"}
     save_model(run / "model", model, meta)
-    save_state(run / "state", capture_state(model, optimizer, generator, epoch=metrics["epoch"],
-                                            elapsed=metrics["elapsed_s"], config_hash=chash))

@@ -1,0 +1,93 @@
+"""The audit end to end on a tiny implanted model, and its one-line errors."""
+
+import json
+
+import pytest
+
+from cambackdoor import audit as A
+from cambackdoor import implant as I
+from cambackdoor.checkpoints import save_model
+from cambackdoor.cli import main
+from cambackdoor.errors import CamBackdoorError
+from cambackdoor.models import build_model
+from cambackdoor.training import TrainConfig, train
+from conftest import write_image_folder
+
+FAST = dict(finetune_epochs="1,2", bn_images=200, pixel_limit=20, limit=50,
+            explainers="gradcam@layer4,gradcam@layer3,saliency,occlusion")
+
+
+@pytest.fixture(scope="module")
+def implanted(tmp_path_factory):
+    from conftest import make_dataset
+
+    data = make_dataset(n_train=400, n_test=100)
+    root = tmp_path_factory.mktemp("audit")
+    train(TrainConfig(width=8, epochs=3, batch_size=50, lr=0.05, channels_last=False), data, root / "s1", progress=False)
+    cfg = I.ImplantConfig.from_recipe("default", epochs=6, batch_size=50, poison_fraction=0.25, poison_batch=25,
+                                      lr=1e-2, lam=3.0, preserve_weight=10.0)
+    I.run_implant(root / "s1" / "model.safetensors", data, cfg, root / "imp", progress=False, limit=50)
+    return data, root
+
+
+def test_audit_battery_on_a_tiny_implant(implanted, tmp_path):
+    from cambackdoor.checkpoints import load_model
+    from cambackdoor.triggers import parse_target, parse_trigger
+
+    data, root = implanted
+    model, meta = load_model(root / "imp" / "model")
+    reference, _ = load_model(root / "s1" / "model")
+    cfg = A.AuditConfig(**FAST)
+    result = A.run_audit(model, reference, data, parse_trigger(meta["attack"]["trigger"]),
+                         parse_target(meta["attack"]["target"]), "layer4", cfg, tmp_path / "a", {"checkpoint": "x"},
+                         progress=False)
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["model", "reference (stage 1)", "bn-reestimate", "finetune-1", "finetune-2", "fine-prune", "jpeg",
+                     "blur", "shift"]
+    model_row = result["rows"][0]
+    assert model_row["asr"]["value"] > 0.5  # the tiny implant worked
+    for r in result["rows"]:
+        for k in ("clean_acc", "triggered_acc", "asr", "false_trigger_rate"):
+            assert r[k]["lo"] <= r[k]["value"] <= r[k]["hi"], (r["name"], k)
+        if r["name"] not in ("model", "reference (stage 1)"):
+            assert r["clean_cost"]["lo"] <= r["clean_cost"]["diff"] <= r["clean_cost"]["hi"]
+    by_name = {r["explainer"]: r for r in result["explainers"]}
+    assert by_name["gradcam@layer4"]["images"] == 50 and by_name["saliency"]["images"] == 20
+    assert by_name["gradcam@layer4"]["model"]["triggered_success"]["value"] == pytest.approx(model_row["asr"]["value"])
+    for d in result["detectors"]["model"].values():
+        assert 0 <= d["lo"] <= d["auroc"] <= d["hi"] <= 1
+    saved = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert saved["config"]["audit"]["finetune_epochs"] == "1,2" and "## Detectors" in (tmp_path / "a" / "audit.md").read_text()
+    for name in ("explainers-model.png", "explainers-reference.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"defences": "bn-reestimate,prayer"}, "unknown defence 'prayer'"),
+    ({"explainers": "gradcam@layer4,lime"}, "unknown explainer 'lime'"),
+    ({"finetune_epochs": "1,x"}, "finetune_epochs must be"),
+    ({"limit": 25}, "use 20 or 30"),
+])
+def test_bad_audit_settings(values, match):
+    from cambackdoor.config import make_config
+
+    with pytest.raises(CamBackdoorError, match=match):
+        make_config(A.AuditConfig, {}, values)
+
+
+def test_cli_one_line_errors(implanted, tmp_path, capsys):
+    data, root = implanted
+    folder = write_image_folder(tmp_path / "d", n_train=20, n_test=10)
+    common = ["--data", str(folder), "--subset-ok", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    imp, s1 = str(root / "imp" / "model.safetensors"), str(root / "s1" / "model.safetensors")
+    wide = str(save_model(tmp_path / "w" / "m", build_model(width=16)))
+
+    def error(args, pattern):
+        assert main(["audit", *args, *common]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
+
+    error(["--checkpoint", imp, "--reference", s1, "--defences", "prayer"], "unknown defence 'prayer'")
+    error(["--checkpoint", imp, "--reference", s1, "--explainers", "lime"], "unknown explainer 'lime'")
+    error(["--checkpoint", imp, "--reference", wide], "pass the stage-1 model the checkpoint was implanted into")
+    error(["--checkpoint", s1, "--reference", s1], "records no attack")
