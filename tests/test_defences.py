@@ -77,3 +77,26 @@ def test_purifications():
     assert offsets.abs().max() <= 4 and len(offsets.unique()) > 3
     with pytest.raises(ValueError, match="prune fraction"):
         DF.prune_layer4(build_model(width=4), torch.ones(32), 1.0)
+
+
+def test_channels_last_rule_and_a_fast_fine_tune_learns_like_the_plain_one():
+    from conftest import make_dataset
+
+    from cambackdoor.models import prefer_channels_last
+
+    narrow, wide = build_model(width=8), build_model(width=16)
+    assert not prefer_channels_last(narrow, "cpu", 128)  # the CPU backward is unsafe below width 16
+    assert prefer_channels_last(wide, "cpu", 128, 10_000) and not prefer_channels_last(wide, "cpu", 128, 100)
+    assert prefer_channels_last(narrow, "cuda", 3)
+    easy = make_dataset(noise_std=8.0)
+    torch.manual_seed(0)
+    wide.eval()
+    fast = DF.fine_tune(wide, easy.train, epochs=2, lr=0.01, batch_size=40)  # width 16, batch 40: channels_last
+    plain_model = copy.deepcopy(wide)
+    plain_model.arch = {**wide.arch, "width": 8}  # the same network, marked so that the rule says no
+    plain = DF.fine_tune(plain_model, easy.train, epochs=2, lr=0.01, batch_size=40)
+    assert fast.conv1.weight.is_contiguous() and not fast.training
+    # channels_last convolutions round differently (up to ~1 % of a gradient here), so the two runs are
+    # not equal; both must do the job
+    for tuned in (fast, plain):
+        assert _loss(tuned, easy.train) < 0.75 * _loss(wide, easy.train)

@@ -174,3 +174,31 @@ def test_minmax_and_upsample():
     assert up.shape == (2, 4, 4)
     # align_corners=False: output pixel 1 samples input coordinate 0.25 -> 1 + 0.25 * (3 - 1)
     assert up[0, 0, 1].item() == pytest.approx(1.5)
+
+
+def test_many_maps_in_one_pass_equal_the_maps_one_at_a_time(model, images):
+    from cambackdoor.gradcam import class_activation_map, class_activation_maps
+
+    methods, layers = ("gradcam", "gradcam++", "layercam"), ("layer4", "layer3", "layer2")
+    maps, logits = class_activation_maps(model, images, layers, methods)
+    assert set(maps) == {(m, la) for m in methods for la in layers}
+    for (method, layer), cams in maps.items():
+        one, one_logits = class_activation_map(model, images, layer, method=method)
+        torch.testing.assert_close(cams, one, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(logits, one_logits)
+    targets = torch.arange(len(images)) % 10
+    maps, _ = class_activation_maps(model, images, ("layer3",), ("gradcam",), targets=targets)
+    torch.testing.assert_close(maps[("gradcam", "layer3")], grad_cam(model, images, "layer3", targets)[0],
+                               atol=1e-6, rtol=1e-5)
+    with pytest.raises(CamBackdoorError, match="unknown CAM method"):
+        class_activation_maps(model, images, ("layer4",), ("scorecam",))
+
+
+def test_saliency_from_the_same_pass_equals_captums(model, images):
+    from cambackdoor.explainers import pixel_attribution
+    from cambackdoor.gradcam import class_activation_maps
+
+    maps, logits = class_activation_maps(model, images, ("layer4", "layer3"), saliency=True)
+    captum = pixel_attribution("saliency", model, images, logits.argmax(1))
+    torch.testing.assert_close(maps[("saliency", "input")], captum, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(maps[("gradcam", "layer3")], grad_cam(model, images, "layer3")[0], atol=1e-6, rtol=1e-5)

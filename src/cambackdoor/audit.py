@@ -18,6 +18,7 @@ It writes ``audit.json`` (with the exact config), ``audit.md`` and the figures i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -36,10 +37,13 @@ from cambackdoor.data import Cifar10, ImageSet, batches, check_limit, limited
 from cambackdoor.detectors import DETECTORS, detector_scores
 from cambackdoor.errors import CamBackdoorError
 from cambackdoor.evaluation import evaluate
-from cambackdoor.explainers import DEFAULT_EXPLAINERS, box_metrics, explain, parse_explainer
+from cambackdoor.explainers import DEFAULT_EXPLAINERS, Explainer, box_metrics, explain, parse_explainer
+from cambackdoor.gradcam import class_activation_maps
+from cambackdoor.models import prefer_channels_last
 from cambackdoor.triggers import Box, PatchTrigger
 
 DEFENCES = ("bn-reestimate", "finetune", "fine-prune", "jpeg", "blur", "shift")
+BATCH, PIXEL_BATCH = 256, 96  # multiples of 8, so that channels_last is safe on the CPU (models.prefer_channels_last)
 
 
 @dataclass
@@ -47,9 +51,9 @@ class AuditConfig:
     defences: str = ",".join(DEFENCES)
     explainers: str = ",".join(DEFAULT_EXPLAINERS)
     limit: int = 0  # test images for rows, CAM explainers and detectors (N/10 per class); 0 = all
-    pixel_limit: int = 1000  # stratified test subset for the (slow) pixel explainers; 0 = as many as limit
+    pixel_limit: int = 500  # stratified test subset for the (slow) pixel explainers; 0 = as many as limit
     bn_images: int = 10_000  # clean training images for BatchNorm re-estimation
-    finetune_epochs: str = "1,5"  # clean fine-tuning: the epochs after which the model is measured
+    finetune_epochs: str = "1"  # clean fine-tuning: the epochs after which the model is measured ("1,5": both)
     finetune_lr: float = 0.01
     prune_fraction: float = 0.2  # fine-pruning: share of layer4 channels removed (least active first) ...
     prune_finetune_epochs: int = 1  # ... then fine-tuned this long
@@ -102,7 +106,8 @@ class AuditConfig:
 def measure(model: nn.Module, test: ImageSet, trigger: PatchTrigger, target: Box, layer: str,
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Per-image outcomes of one model state: correctness clean/triggered, success, IoU, false trigger."""
-    _, details = evaluate(model, test, trigger, target, layer, progress=False, examples=0, transform=transform)
+    _, details = evaluate(model, test, trigger, target, layer, progress=False, examples=0, transform=transform,
+                          batch_size=BATCH)
     pi = {k: torch.tensor(v) for k, v in details["per_image"].items()}
     return {"clean_correct": (pi["pred_clean"] == pi["label"]).double(),
             "triggered_correct": (pi["pred_trig"] == pi["label"]).double(),
@@ -160,8 +165,6 @@ def defended_models(model: nn.Module, train: ImageSet, cfg: AuditConfig,
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).eval()
 
 
@@ -171,23 +174,37 @@ def _copy(model: nn.Module) -> nn.Module:
 
 def explainer_table(models: dict[str, nn.Module], test: ImageSet, pixel_test: ImageSet, trigger: PatchTrigger,
                     target: Box, names: list[str], seed: int) -> list[dict[str, Any]]:
-    """For each explainer and model: success rate, IoU and in-box share on triggered and clean images."""
-    rows = []
-    for name in names:
-        ex = parse_explainer(name)
-        images = test if ex.kind == "cam" else pixel_test
-        row: dict[str, Any] = {"explainer": name, "kind": ex.kind, "images": len(images)}
-        for model_name, model in models.items():
-            per: dict[str, list[torch.Tensor]] = {}
-            for x, _ in batches(images, 250 if ex.kind == "cam" else 100):
-                x = x.to(next(model.parameters()).device)
+    """For each explainer and model: success rate, IoU and in-box share on triggered and clean images.
+    All CAM explainers come from one forward and backward pass per batch (they share activations and
+    gradients); each pixel method runs on ``pixel_test``."""
+    explainers = [parse_explainer(name) for name in names]
+    cams = [ex for ex in explainers if ex.kind == "cam"]
+    per: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {}
+
+    def add(ex: Explainer, model_name: str, split: str, maps: torch.Tensor, image_hw: tuple[int, int]) -> None:
+        for k, v in box_metrics(ex, maps, target, image_hw).items():
+            per.setdefault((ex.name, model_name), {}).setdefault(f"{split}_{k}", []).append(v.cpu())
+
+    for model_name, model in models.items():
+        device = next(model.parameters()).device
+        if cams:
+            layers, methods = [ex.layer or "layer4" for ex in cams], [ex.method for ex in cams]
+            for x, _ in batches(test, BATCH):
+                x = x.to(device)
                 for split, inputs in (("triggered", trigger.apply(x)), ("clean", x)):
-                    maps = explain(ex, model, inputs)
-                    for k, v in box_metrics(ex, maps, target, tuple(x.shape[2:])).items():
-                        per.setdefault(f"{split}_{k}", []).append(v.cpu())
-            row[model_name] = {k: stats.with_ci(torch.cat(v), seed) for k, v in per.items()}
-        rows.append(row)
-    return rows
+                    maps, _ = class_activation_maps(model, inputs, layers, methods)
+                    for ex in cams:
+                        add(ex, model_name, split, maps[(ex.method, ex.layer or "layer4")], tuple(x.shape[2:]))
+        for ex in explainers:
+            if ex.kind != "pixel":
+                continue
+            for x, _ in batches(pixel_test, PIXEL_BATCH):
+                x = x.to(device)
+                for split, inputs in (("triggered", trigger.apply(x)), ("clean", x)):
+                    add(ex, model_name, split, explain(ex, model, inputs), tuple(x.shape[2:]))
+    return [{"explainer": ex.name, "kind": ex.kind, "images": len(test if ex.kind == "cam" else pixel_test),
+             **{m: {k: stats.with_ci(torch.cat(v), seed) for k, v in per[(ex.name, m)].items()} for m in models}}
+            for ex in explainers]
 
 
 def detector_table(models: dict[str, nn.Module], test: ImageSet, trigger: PatchTrigger, layer: str,
@@ -197,7 +214,7 @@ def detector_table(models: dict[str, nn.Module], test: ImageSet, trigger: PatchT
     table: dict[str, Any] = {}
     for model_name, model in models.items():
         scores: dict[str, dict[str, list[torch.Tensor]]] = {d: {"clean": [], "triggered": []} for d in DETECTORS}
-        for x, _ in batches(test, 250):
+        for x, _ in batches(test, BATCH):
             x = x.to(next(model.parameters()).device)
             for split, inputs in (("clean", x), ("triggered", trigger.apply(x))):
                 for d, s in detector_scores(model, inputs, layer, other).items():
@@ -241,9 +258,15 @@ def run_audit(model: nn.Module, reference: nn.Module, data: Cifar10, trigger: Pa
     t = time.perf_counter()
     test = limited(data.test, cfg.limit or None)
     pixel_test = limited(test, cfg.pixel_limit or None) if cfg.pixel_limit < len(test) else test
-    model, reference = model.eval(), reference.to(next(model.parameters()).device).eval()
-    base = measure(model, test, trigger, target, layer)
-    ref = measure(reference, test, trigger, target, layer)
+    device = next(model.parameters()).device
+    model, reference = model.eval(), reference.to(device).eval()
+    # every measurement on a channels_last copy where that is safe: 1.5x faster on the CPU, same
+    # weights (its convolutions round differently, ~1e-5 of a logit)
+    fast = prefer_channels_last(model, device, len(test), len(pixel_test))
+    view = (lambda m: copy.deepcopy(m).to(memory_format=torch.channels_last)) if fast else (lambda m: m)
+    model_view, reference_view = view(model), view(reference)
+    base = measure(model_view, test, trigger, target, layer)
+    ref = measure(reference_view, test, trigger, target, layer)
     rows = [{"name": "model", **summarise(base, None, cfg.seed),
              "clean_drop_vs_reference": stats.paired_difference(base["clean_correct"], ref["clean_correct"],
                                                                 seed=cfg.seed)},
@@ -251,13 +274,13 @@ def run_audit(model: nn.Module, reference: nn.Module, data: Cifar10, trigger: Pa
     timings["rows: model and reference"] = time.perf_counter() - t
     for name, defended, transform, params in defended_models(model, data.train, cfg, progress):
         t = time.perf_counter()
-        rows.append({"name": name, "params": params, **summarise(measure(defended, test, trigger, target, layer,
+        rows.append({"name": name, "params": params, **summarise(measure(view(defended), test, trigger, target, layer,
                                                                          transform), base, cfg.seed)})
         timings[f"defence {name}"] = params["defence_s"] + time.perf_counter() - t  # preparing it + measuring
         if progress:
             print(f"audit: {name}: ASR {100 * rows[-1]['asr']['value']:.2f} %, clean "
                   f"{100 * rows[-1]['clean_acc']['value']:.2f} %", flush=True)
-    models = {"model": model, "reference": reference}
+    models = {"model": model_view, "reference": reference_view}
     t = time.perf_counter()
     explainers = explainer_table(models, test, pixel_test, trigger, target, cfg.explainer_list, cfg.seed)
     timings["explainers"] = time.perf_counter() - t
@@ -265,10 +288,10 @@ def run_audit(model: nn.Module, reference: nn.Module, data: Cifar10, trigger: Pa
     detectors = detector_table(models, test, trigger, layer, cfg.seed)
     timings["detectors"] = time.perf_counter() - t
     result = {"config": {**config, "audit": dataclasses.asdict(cfg)}, "images": len(test),
-              "pixel_images": len(pixel_test), "rows": rows, "explainers": explainers, "detectors": detectors,
-              "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+              "pixel_images": len(pixel_test), "channels_last": fast, "rows": rows, "explainers": explainers,
+              "detectors": detectors, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     with atomic_dir(out) as tmp:
-        for model_name, m in models.items():
+        for model_name, m in (("model", model), ("reference", reference)):  # a few images: the plain layout
             explainer_grid(m, test, trigger, target, cfg.explainer_list, tmp / f"explainers-{model_name}.png",
                            title=f"{model_name}: clean (top) and triggered (bottom) images under every explainer")
         result["timings_s"]["total"] = round(sum(timings.values()), 1)
@@ -348,7 +371,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--explainers", default=None, help="comma-separated: METHOD@LAYER (gradcam, gradcam++, layercam) "
                    "or saliency, integrated-gradients, smoothgrad, occlusion (default all, CAMs at layer4 and layer3)")
     p.add_argument("--limit", type=int, default=None, help="test images, N/10 per class (default all)")
-    p.add_argument("--pixel-limit", type=int, default=None, help="test images for pixel explainers (default 1000)")
+    p.add_argument("--pixel-limit", type=int, default=None, help="test images for pixel explainers (default 500)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other AuditConfig field, e.g. --set finetune_epochs=1,5 --set bn_images=10000")
     add_attack_args(p)

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cambackdoor.data import ImageSet, batches, to_float
+from cambackdoor.models import prefer_channels_last
 
 
 def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -58,6 +59,9 @@ def fine_tune(model: nn.Module, images: ImageSet, epochs: int = 1, lr: float = 0
     ``on_epoch(epoch, model)`` sees the model after each epoch (in eval mode, then back to training)."""
     device = next(model.parameters()).device
     model = copy.deepcopy(model)
+    fast = prefer_channels_last(model, device, batch_size)  # every batch is full (drop_last)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
     params = dict(model.named_parameters())
     masks = {name: mask.to(device) for name, mask in (keep_zero or {}).items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -78,8 +82,10 @@ def fine_tune(model: nn.Module, images: ImageSet, epochs: int = 1, lr: float = 0
                     params[name].mul_(mask)
         if on_epoch is not None:
             model.eval()
-            on_epoch(epoch + 1, model)
-    return model.eval()
+            on_epoch(epoch + 1, model.to(memory_format=torch.contiguous_format))
+            if fast:
+                model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.no_grad()

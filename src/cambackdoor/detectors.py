@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cambackdoor.explainers import cell_pool, pixel_attribution
-from cambackdoor.gradcam import class_activation_map, upsample
+from cambackdoor.explainers import cell_pool
+from cambackdoor.gradcam import class_activation_maps, upsample
 
 DETECTORS = ("layer-disagreement", "pixel-disagreement", "deletion")
 
@@ -43,10 +43,10 @@ def detector_scores(model: nn.Module, images: torch.Tensor, layer: str = "layer4
                     other_layer: str = "layer3") -> dict[str, torch.Tensor]:
     """Every detector's score for each image of a batch (the explained class is the predicted one)."""
     image_hw = tuple(images.shape[2:])
-    cams, logits = class_activation_map(model, images, layer)
-    cams_other, _ = class_activation_map(model, images, other_layer)
+    # both layers' Grad-CAMs and the input-gradient saliency from one forward and one backward pass
+    maps, logits = class_activation_maps(model, images, (layer, other_layer), saliency=True)
+    cams, cams_other, saliency = maps[("gradcam", layer)], maps[("gradcam", other_layer)], maps[("saliency", "input")]
     pred = logits.argmax(1)
-    saliency = pixel_attribution("saliency", model, images, pred)
     cam_hw = tuple(cams.shape[1:])
     pooled = cell_pool(saliency, cam_hw)
     with torch.no_grad():

@@ -136,6 +136,63 @@ def class_activation_map(
     return cams, logits
 
 
+def class_activation_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    layers: tuple[str, ...] | list[str],
+    methods: tuple[str, ...] | list[str] = ("gradcam",),
+    targets: torch.Tensor | None = None,
+    saliency: bool = False,
+) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor]:
+    """Every (method, layer) CAM [N, h, w] from one forward and one backward pass, for measurement
+    (ReLU, detached); the logits [N, C] too. Same maps as :func:`class_activation_map` one at a time:
+    the methods share the activations and gradients and differ only in their weight rule.
+    ``saliency``: also the input gradient's |value| summed over colours [N, H, W] (Captum's Saliency,
+    ``explainers.pixel_attribution``), under the key ("saliency", "input"), from the same backward pass."""
+    for method in methods:
+        if method not in WEIGHT_RULES:
+            raise CamBackdoorError(f"unknown CAM method '{method}'; choose one of {', '.join(WEIGHT_RULES)}")
+    layers = list(dict.fromkeys(layers))
+    captured: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+
+    def make_hook(layer: str) -> Callable[..., torch.Tensor | None]:
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor | None:
+            if not saliency and not any(captured.values()) and not output.requires_grad:
+                # the first hooked layer cuts the graph below it (only d(score)/d(activations) is needed)
+                output = output.detach().requires_grad_(True)
+                captured[layer].append(output)
+                return output
+            captured[layer].append(output)
+            return None
+        return hook
+
+    handles = [find_layer(model, layer).register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        with torch.enable_grad():
+            if saliency:
+                images = images.detach().clone().requires_grad_(True)
+            logits = model(images)
+            for layer in layers:
+                if len(captured[layer]) != 1:
+                    raise CamBackdoorError(f"layer '{layer}' ran {len(captured[layer])} times in one forward pass; "
+                                           "pick a layer used once")
+            if targets is None:
+                targets = logits.detach().argmax(dim=1)
+            targets = torch.as_tensor(targets, device=logits.device).long().reshape(-1)
+            score = logits.gather(1, targets[:, None]).sum()
+            activations = [captured[layer][0] for layer in layers]
+            grads = torch.autograd.grad(score, activations + ([images] if saliency else []))
+    finally:
+        for handle in handles:
+            handle.remove()
+    cams = {("saliency", "input"): grads[-1].abs().sum(1)} if saliency else {}
+    for layer, a, g in zip(layers, activations, grads):
+        a = a.detach()
+        for method in methods:
+            cams[(method, layer)] = F.relu((WEIGHT_RULES[method](a, g) * a).sum(dim=1))
+    return cams, logits.detach()
+
+
 def _cam_function(method: str, name: str, doc: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """A public CAM function: :func:`class_activation_map` with its weight rule fixed."""
 
