@@ -43,7 +43,7 @@ def main(root: Path) -> None:
 
 
 def sweeps(root: Path) -> None:
-    from cambackdoor.pipeline import _read_csv, _table
+    from cambackdoor.report import _read_csv, _table
 
     for d in sorted(root.glob("sweep-*")):
         if (d / "sweep.csv").exists():

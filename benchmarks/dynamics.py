@@ -39,6 +39,8 @@ import torch
 from cambackdoor import implant as I
 from cambackdoor.checkpoints import atomic_write_text, load_model, load_state, sidecar_path, weights_path
 from cambackdoor.cli import add_attack_args, add_data_args, load_data
+from cambackdoor.config import parse_sets
+from cambackdoor.recipes import FLAGS, flag_type
 from cambackdoor.evaluation import evaluate
 from cambackdoor.triggers import parse_target, parse_trigger
 
@@ -49,18 +51,15 @@ CK = "runs/cpu/stage1/model.safetensors"
 def implant_config(flags: list[str]) -> tuple[I.ImplantConfig, argparse.Namespace]:
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", default=CK)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--trainable", default=None)
-    p.add_argument("--seed", type=int, default=None)
+    for name, (flag, text) in FLAGS.items():  # the implant command's own flags
+        p.add_argument(flag, dest=name, type=flag_type(name), default=None, help=text)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--judge", type=int, default=2000, help="images outside the pool that judge the run")
     add_attack_args(p)
     add_data_args(p)
     a = p.parse_args(flags)
-    overrides = dict(epochs=a.epochs, lr=a.lr, trainable=a.trainable, seed=a.seed, trigger=a.trigger,
-                     target=a.target, layer=a.layer)
-    return I.ImplantConfig.from_recipe("default", **{**overrides, **I.parse_sets(a.set)}), a
+    overrides = {name: getattr(a, name) for name in (*FLAGS, "trigger", "target", "layer")}
+    return I.ImplantConfig.from_recipe("default", **{**overrides, **parse_sets(a.set)}), a
 
 
 def diagnostics(model: torch.nn.Module, clean: torch.nn.Module, data, cfg: I.ImplantConfig, images: int = 2000) -> dict:
@@ -159,7 +158,7 @@ def judge(name: str, flags: list[str]) -> int:
     """Judge a finished run's final weights again, e.g. on more images (``-- --judge 10000``)."""
     out = ROOT / name
     result = json.loads((out / "result.json").read_text())
-    cfg = I.ImplantConfig(**result["config"])
+    cfg = I.ImplantConfig.from_saved(result["config"])
     _, a = implant_config(flags)
     data = load_data(a)
     clean, _ = load_model(result["checkpoint"])

@@ -13,7 +13,7 @@ from cambackdoor.models import build_model
 from cambackdoor.training import TrainConfig, train
 from conftest import write_image_folder
 
-FAST = dict(finetune_epochs="1,2", bn_images=200, pixel_limit=20, limit=50,
+FAST = dict(finetune_epochs="1,2", bn_images=200, pixel_limit=20, limit=50, prune_finetune_images=100,
             explainers="gradcam@layer4,gradcam@layer3,saliency,occlusion")
 
 
@@ -58,6 +58,11 @@ def test_audit_battery_on_a_tiny_implant(implanted, tmp_path):
         assert 0 <= d["lo"] <= d["auroc"] <= d["hi"] <= 1
     saved = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert saved["config"]["audit"]["finetune_epochs"] == "1,2" and "## Detectors" in (tmp_path / "a" / "audit.md").read_text()
+    params = {r["name"]: r.get("params", {}) for r in result["rows"]}
+    assert params["fine-prune"]["images"] == 100 and params["finetune-2"]["images"] == 400
+    times = saved["timings_s"]  # each fine-tuning row counts its own epochs; the total holds every part
+    assert times["defence finetune-1"] > 0 and times["defence finetune-2"] > 0
+    assert times["total"] >= sum(v for k, v in times.items() if k != "total") - 0.5
     for name in ("explainers-model.png", "explainers-reference.png"):
         assert (tmp_path / "a" / name).stat().st_size > 1000
 

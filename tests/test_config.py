@@ -4,7 +4,8 @@ import pytest
 
 from cambackdoor.config import load_preset, make_config
 from cambackdoor.errors import CamBackdoorError
-from cambackdoor.implant import ImplantConfig, parse_sets
+from cambackdoor.config import parse_sets
+from cambackdoor.implant import ImplantConfig
 from cambackdoor.training import TrainConfig
 
 

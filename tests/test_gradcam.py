@@ -202,3 +202,12 @@ def test_saliency_from_the_same_pass_equals_captums(model, images):
     captum = pixel_attribution("saliency", model, images, logits.argmax(1))
     torch.testing.assert_close(maps[("saliency", "input")], captum, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(maps[("gradcam", "layer3")], grad_cam(model, images, "layer3")[0], atol=1e-6, rtol=1e-5)
+
+
+def test_upsampling_a_map_that_has_the_size_already_changes_nothing():
+    import torch.nn.functional as F
+
+    up = upsample(torch.rand(3, 4, 4), (32, 32))
+    assert upsample(up, (32, 32)) is up
+    torch.testing.assert_close(F.interpolate(up[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0],
+                               up, atol=0, rtol=0)  # what the interpolation would have given

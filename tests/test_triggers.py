@@ -102,3 +102,17 @@ def test_decoys_are_solid_patches_in_the_trigger_box_and_never_the_trigger():
     assert colours.std(0).min() > 0.2  # varied colours, not one
     again = paste_decoys(images, trigger, torch.Generator().manual_seed(0))
     assert torch.equal(again, decoys)
+
+
+def test_an_attack_is_parsed_and_checked_once_and_configs_reuse_it():
+    from cambackdoor.recipes import ImplantConfig
+    from cambackdoor.triggers import Attack
+
+    attack = Attack.parse("yellow:4@bottom-right", "top-left:8")
+    assert attack.target.top == 0 and attack.target.height == 8 and attack.layer == "layer4"
+    with pytest.raises(CamBackdoorError, match="overlaps"):
+        Attack.parse("yellow:4@top-left", "top-left:8")
+    cfg = ImplantConfig()
+    assert cfg.attack is cfg.attack  # cached
+    cfg.target = "top-right:8"  # a changed spec is parsed again
+    assert cfg.attack.target.left == 24

@@ -1,7 +1,6 @@
 """cambackdoor: implant, measure and study explanation (Grad-CAM) backdoors in image classifiers."""
 
-__version__ = "0.1.0"
-
+from cambackdoor.version import __version__  # noqa: E402
 from cambackdoor.errors import CamBackdoorError  # noqa: E402
 from cambackdoor.models import build_model  # noqa: E402
 from cambackdoor.checkpoints import load_model, save_model  # noqa: E402

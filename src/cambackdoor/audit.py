@@ -31,12 +31,14 @@ from torch import nn
 
 from cambackdoor import defences as DF
 from cambackdoor import stats
+from cambackdoor.audit_tables import audit_markdown
 from cambackdoor.checkpoints import atomic_dir, atomic_write_text
 from cambackdoor.config import check_fields, check_range
 from cambackdoor.data import Cifar10, ImageSet, batches, check_limit, limited
 from cambackdoor.detectors import DETECTORS, detector_scores
 from cambackdoor.errors import CamBackdoorError
 from cambackdoor.evaluation import evaluate
+from cambackdoor.figures import explainer_grid
 from cambackdoor.explainers import DEFAULT_EXPLAINERS, Explainer, box_metrics, explain, parse_explainer
 from cambackdoor.gradcam import class_activation_maps
 from cambackdoor.models import prefer_channels_last
@@ -51,12 +53,14 @@ class AuditConfig:
     defences: str = ",".join(DEFENCES)
     explainers: str = ",".join(DEFAULT_EXPLAINERS)
     limit: int = 0  # test images for rows, CAM explainers and detectors (N/10 per class); 0 = all
-    pixel_limit: int = 500  # stratified test subset for the (slow) pixel explainers; 0 = as many as limit
+    pixel_limit: int = 300  # stratified test subset for the (slow) pixel explainers; 0 = as many as limit
     bn_images: int = 10_000  # clean training images for BatchNorm re-estimation
     finetune_epochs: str = "1"  # clean fine-tuning: the epochs after which the model is measured ("1,5": both)
     finetune_lr: float = 0.01
     prune_fraction: float = 0.2  # fine-pruning: share of layer4 channels removed (least active first) ...
     prune_finetune_epochs: int = 1  # ... then fine-tuned this long
+    prune_finetune_images: int = 10_000  # ... on this many clean training images (Liu et al. fine-tune on a
+    # small clean set the defender holds; 10,000 as for BatchNorm re-estimation)
     jpeg_quality: int = 50
     blur_sigma: float = 1.0
     max_shift: int = 4
@@ -77,7 +81,7 @@ class AuditConfig:
             raise ValueError(f"finetune_epochs must be positive, not {self.finetune_epochs!r}")
         for name in ("limit", "pixel_limit", "seed"):
             check_range(self, name, 0)
-        for name in ("bn_images", "prune_finetune_epochs", "max_shift"):
+        for name in ("bn_images", "prune_finetune_epochs", "prune_finetune_images", "max_shift"):
             check_range(self, name, 1)
         check_range(self, "finetune_lr", 0, low_open=True)
         check_range(self, "blur_sigma", 0, low_open=True)
@@ -138,34 +142,36 @@ def defended_models(model: nn.Module, train: ImageSet, cfg: AuditConfig,
         if name == "bn-reestimate":
             out.append((name, DF.reestimate_batchnorm(model, train, cfg.bn_images, seed=cfg.seed), None,
                         {"images": min(cfg.bn_images, len(train))}))
-        elif name == "finetune":
-            epochs = cfg.finetune_epoch_list
-            snapshots: dict[int, nn.Module] = {}
+        elif name == "finetune":  # one run, measured after each listed epoch; each row's time is its own epochs'
+            epochs, snapshots, clock = cfg.finetune_epoch_list, {}, {0: t0}
+
+            def keep(e: int, m: nn.Module) -> None:
+                if e in epochs:
+                    snapshots[e], clock[e] = copy.deepcopy(m).eval(), time.perf_counter()
+
             DF.fine_tune(model, train, epochs=max(epochs), lr=cfg.finetune_lr, seed=cfg.seed, progress=progress,
-                         on_epoch=lambda e, m: snapshots.__setitem__(e, _copy(m)) if e in epochs else None)
-            for e in epochs:
-                out.append((f"finetune-{e}", snapshots[e], None, {"epochs": e, "lr": cfg.finetune_lr,
-                                                                   "images": len(train), "optimizer": "sgd+momentum 0.9"}))
+                         on_epoch=keep)
+            for before, e in zip([0, *epochs], epochs):
+                out.append((f"finetune-{e}", snapshots[e], None, {
+                    "epochs": e, "lr": cfg.finetune_lr, "images": len(train), "optimizer": "sgd+momentum 0.9",
+                    "defence_s": round(clock[e] - clock[before], 1)}))
         elif name == "fine-prune":
             activity = DF.channel_activity(model, train, seed=cfg.seed)
             pruned_model, pruned = DF.prune_layer4(model, activity, cfg.prune_fraction)
-            tuned = DF.fine_tune(pruned_model, train, epochs=cfg.prune_finetune_epochs, lr=cfg.finetune_lr,
+            clean = DF.clean_subset(train, cfg.prune_finetune_images, cfg.seed)  # the defender's clean data
+            tuned = DF.fine_tune(pruned_model, clean, epochs=cfg.prune_finetune_epochs, lr=cfg.finetune_lr,
                                  seed=cfg.seed, keep_zero=DF.fc_column_mask(pruned_model, pruned), progress=progress)
             out.append((name, tuned, None, {"pruned_channels": len(pruned), "of": len(activity),
-                                            "finetune_epochs": cfg.prune_finetune_epochs}))
+                                            "finetune_epochs": cfg.prune_finetune_epochs, "images": len(clean)}))
         else:
             transform = {"jpeg": lambda: DF.jpeg(cfg.jpeg_quality), "blur": lambda: DF.blur(cfg.blur_sigma),
                          "shift": lambda: DF.random_shift(cfg.max_shift, cfg.seed)}[name]()
             params = {"jpeg": {"quality": cfg.jpeg_quality}, "blur": {"sigma": cfg.blur_sigma},
                       "shift": {"max_pixels": cfg.max_shift}}[name]
             out.append((name, model, transform, params))
-        for entry in out[first:]:  # the fine-tuning snapshots share one run, and its time
-            entry[3]["defence_s"] = round(time.perf_counter() - t0, 1)
+        for entry in out[first:]:
+            entry[3].setdefault("defence_s", round(time.perf_counter() - t0, 1))
     return out
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,10 +258,8 @@ def run_audit(model: nn.Module, reference: nn.Module, data: Cifar10, trigger: Pa
               layer: str, cfg: AuditConfig, out: str | Path, config: dict[str, Any],
               progress: bool = True) -> dict[str, Any]:
     """The battery on ``model`` (eval mode) with ``reference`` as its stage-1 control; writes ``out``."""
-    from cambackdoor.figures import explainer_grid
-
     timings: dict[str, float] = {}
-    t = time.perf_counter()
+    t = start = time.perf_counter()
     test = limited(data.test, cfg.limit or None)
     pixel_test = limited(test, cfg.pixel_limit or None) if cfg.pixel_limit < len(test) else test
     device = next(model.parameters()).device
@@ -291,128 +295,12 @@ def run_audit(model: nn.Module, reference: nn.Module, data: Cifar10, trigger: Pa
               "pixel_images": len(pixel_test), "channels_last": fast, "rows": rows, "explainers": explainers,
               "detectors": detectors, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     with atomic_dir(out) as tmp:
+        t = time.perf_counter()
         for model_name, m in (("model", model), ("reference", reference)):  # a few images: the plain layout
             explainer_grid(m, test, trigger, target, cfg.explainer_list, tmp / f"explainers-{model_name}.png",
                            title=f"{model_name}: clean (top) and triggered (bottom) images under every explainer")
-        result["timings_s"]["total"] = round(sum(timings.values()), 1)
+        result["timings_s"]["figures"] = round(time.perf_counter() - t, 1)
+        result["timings_s"]["total"] = round(time.perf_counter() - start, 1)  # the parts, and what lies between
         atomic_write_text(tmp / "audit.json", json.dumps(result, indent=1))
         atomic_write_text(tmp / "audit.md", audit_markdown(result))
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Report
-
-
-def _pct(ci: dict[str, float]) -> str:
-    return f"{100 * ci['value']:.2f} [{100 * ci['lo']:.2f}, {100 * ci['hi']:.2f}]"
-
-
-def _pt(d: dict[str, float]) -> str:
-    return f"{100 * d['diff']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
-
-
-def audit_markdown(result: dict[str, Any]) -> str:
-    """The audit's tables: percentages (points for differences) with 95 % bootstrap intervals."""
-    cfg = result["config"]
-    lines = [f"# Audit of `{cfg.get('checkpoint')}`", "",
-             f"Reference `{cfg.get('reference')}`; attack `{cfg.get('trigger')}` -> `{cfg.get('target')}` at "
-             f"{cfg.get('layer')}; {result['images']} test images ({result['pixel_images']} for pixel explainers). "
-             "Brackets: 95 % bootstrap intervals over test images (paired for differences).", "",
-             "## Defences", "",
-             "| model | clean acc % | triggered acc % | ASR % | mean IoU | false triggers % | triggered − clean (pt) | "
-             "owner's cost (pt) |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        cost = _pt(r["clean_cost"]) if "clean_cost" in r else (
-            f"vs reference: {_pt(r['clean_drop_vs_reference'])}" if "clean_drop_vs_reference" in r else "-")
-        iou = r["iou_mean"]
-        lines.append(f"| {r['name']} | {_pct(r['clean_acc'])} | {_pct(r['triggered_acc'])} | {_pct(r['asr'])} | "
-                     f"{iou['value']:.3f} [{iou['lo']:.3f}, {iou['hi']:.3f}] | {_pct(r['false_trigger_rate'])} | "
-                     f"{_pt(r['triggered_gap'])} | {cost} |")
-    lines += ["", "## Explainers (transfer)", "",
-              "Success: CAM test for CAMs; top-k IoU > 0.5 for pixel methods (k = the box's area). Share: mass in "
-              "the box (chance for pixel maps = the box's share of the image).", "",
-              "| explainer | images | model: success on triggered % | model: share on triggered | "
-              "model: success on clean % | reference: success on triggered % | reference: share on triggered |",
-              "|---|---|---|---|---|---|---|"]
-    for r in result["explainers"]:
-        m, ref = r["model"], r["reference"]
-        lines.append(f"| {r['explainer']} | {r['images']} | {_pct(m['triggered_success'])} | "
-                     f"{m['triggered_share']['value']:.3f} | {_pct(m['clean_success'])} | "
-                     f"{_pct(ref['triggered_success'])} | {ref['triggered_share']['value']:.3f} |")
-    lines += ["", "## Detectors (AUROC, clean vs triggered copies)", "",
-              "| detector | model | reference (control) |", "|---|---|---|"]
-    for d in result["detectors"]["model"]:
-        cells = [f"{v['auroc']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
-                 for v in (result["detectors"]["model"][d], result["detectors"]["reference"][d])]
-        lines.append(f"| {d} | {cells[0]} | {cells[1]} |")
-    lines += ["", "## Time", "", "| part | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in result["timings_s"].items()]
-    lines += ["", "![explainers on the model](explainers-model.png)", "",
-              "![explainers on the reference](explainers-reference.png)", ""]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_cli(sub: Any) -> None:
-    from cambackdoor.cli import add_attack_args, add_data_args, add_device_arg
-
-    p = sub.add_parser("audit", help="defences, transfer to other explainers, detectors, intervals",
-                       description="Audit an implanted checkpoint against its stage-1 reference: every defence on a "
-                                   "copy (training images only), the explainer transfer matrix, detector AUROCs, 95 %% "
-                                   "bootstrap intervals; writes audit.json, audit.md and figures into --out.")
-    p.add_argument("--checkpoint", required=True, help="the model to audit (.safetensors)")
-    p.add_argument("--reference", required=True, help="its clean stage-1 model (the control)")
-    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/audit)")
-    p.add_argument("--defences", default=None, help=f"comma-separated, from {', '.join(DEFENCES)} (default all)")
-    p.add_argument("--explainers", default=None, help="comma-separated: METHOD@LAYER (gradcam, gradcam++, layercam) "
-                   "or saliency, integrated-gradients, smoothgrad, occlusion (default all, CAMs at layer4 and layer3)")
-    p.add_argument("--limit", type=int, default=None, help="test images, N/10 per class (default all)")
-    p.add_argument("--pixel-limit", type=int, default=None, help="test images for pixel explainers (default 500)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other AuditConfig field, e.g. --set finetune_epochs=1,5 --set bn_images=10000")
-    add_attack_args(p)
-    add_device_arg(p)
-    add_data_args(p)
-    p.set_defaults(func=cmd_audit)
-
-
-def cmd_audit(args: Any) -> int:
-    from cambackdoor.checkpoints import ensure_writable_dir, load_model, read_sidecar, weights_path
-    from cambackdoor.cli import load_data
-    from cambackdoor.config import make_config, parse_value
-    from cambackdoor.training import resolve_device
-    from cambackdoor.triggers import parse_target, parse_trigger, validate_attack
-
-    sets = {}
-    for item in args.set:
-        if "=" not in item:
-            raise CamBackdoorError(f"--set takes KEY=VALUE, got '{item}'")
-        key, value = item.split("=", 1)
-        sets[key.strip()] = value if key.strip() in ("defences", "explainers", "finetune_epochs") else \
-            parse_value(value, f"--set {key.strip()}")
-    cfg = make_config(AuditConfig, {}, {"defences": args.defences, "explainers": args.explainers,
-                                        "limit": args.limit, "pixel_limit": args.pixel_limit, **sets})
-    meta, ref_meta = read_sidecar(args.checkpoint), read_sidecar(args.reference)
-    check_pair(meta, ref_meta, args.checkpoint, args.reference)
-    trig_spec, target_spec, layer = attack_of(meta, args.trigger, args.target, args.layer, args.checkpoint)
-    trigger, target = parse_trigger(trig_spec), parse_target(target_spec)
-    validate_attack(trigger, target, layer, min_ceiling=0.0)
-    out = Path(args.out) if args.out else weights_path(args.checkpoint).parent / "audit"
-    ensure_writable_dir(out.parent)
-    device = resolve_device(args.device)
-    model, _ = load_model(args.checkpoint, map_location=device)
-    reference, _ = load_model(args.reference, map_location=device)
-    data = load_data(args)
-    config = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": meta["weights_sha256"],
-              "reference": str(args.reference), "reference_sha256": ref_meta["weights_sha256"], "trigger": trig_spec,
-              "target": target_spec, "layer": layer, "data_fingerprint": data.fingerprint, "device": str(device)}
-    t0 = time.perf_counter()
-    result = run_audit(model, reference, data, trigger, target, layer, cfg, out, config, progress=not args.no_progress)
-    print(audit_markdown(result).split("## Time")[0])
-    print(f"wrote {out / 'audit.json'} and {out / 'audit.md'} in {time.perf_counter() - t0:.0f} s")
-    return 0
-

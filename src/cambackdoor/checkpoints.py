@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cambackdoor.errors import CamBackdoorError
+from cambackdoor.models import build_model
+from cambackdoor.version import __version__
 
 FORMAT = "cambackdoor-checkpoint/1"
 
@@ -120,8 +122,6 @@ def _jsonable(obj: Any) -> Any:
 
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
     """Write ``path``.safetensors and its ``.json`` sidecar atomically; returns the weights path."""
-    from cambackdoor import __version__
-
     wpath = weights_path(path)
     wpath.parent.mkdir(parents=True, exist_ok=True)
     arch = getattr(model, "arch", None)
@@ -173,8 +173,6 @@ def load_model(
     path: str | os.PathLike, expect: dict[str, Any] | None = None, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint; returns (model on ``map_location``, metadata). ``expect`` (e.g. {"width": 16}) must match."""
-    from cambackdoor.models import build_model
-
     meta = read_sidecar(path)
     arch = meta["model"]
     for key, value in (expect or {}).items():

@@ -123,3 +123,17 @@ def config_hash(*configs: Any) -> str:
     blobs = [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c for c in configs]
     text = json.dumps(blobs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_sets(items: list[str], raw: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as a dict; values are YAML scalars, except the keys in ``raw`` (kept as text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise CamBackdoorError(f"--set takes KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key == "recipe":
+            raise CamBackdoorError("the recipe is chosen with --recipe, not --set recipe=...")
+        out[key] = value if key in raw else parse_value(value, f"--set {key}")
+    return out

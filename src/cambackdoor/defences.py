@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cambackdoor.data import ImageSet, batches, to_float
+from cambackdoor.gradcam import find_layer
 from cambackdoor.models import prefer_channels_last
 
 
@@ -23,7 +24,8 @@ def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _sample(images: ImageSet, n: int | None, seed: int) -> ImageSet:
+def clean_subset(images: ImageSet, n: int | None, seed: int = 0) -> ImageSet:
+    """A seeded random subset of ``n`` images (all of them when ``n`` is None or not smaller)."""
     if n is None or n >= len(images):
         return images
     return images.subset(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n])
@@ -42,7 +44,7 @@ def reestimate_batchnorm(model: nn.Module, images: ImageSet, n: int = 10_000, ba
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average: every batch counts the same
     model.train()
-    for x, _ in batches(_sample(images, n, seed), batch_size):
+    for x, _ in batches(clean_subset(images, n, seed), batch_size):
         model(x.to(device))
     for bn, m in zip(layers, momenta):
         bn.momentum = m
@@ -92,8 +94,6 @@ def fine_tune(model: nn.Module, images: ImageSet, epochs: int = 1, lr: float = 0
 def channel_activity(model: nn.Module, images: ImageSet, layer: str = "layer4", n: int = 5_000,
                      batch_size: int = 250, seed: int = 0) -> torch.Tensor:
     """Mean activation of each output channel of ``layer`` over ``n`` clean images (eval mode)."""
-    from cambackdoor.gradcam import find_layer
-
     device = next(model.parameters()).device
     total: list[torch.Tensor] = []
     handle = find_layer(model, layer).register_forward_hook(
@@ -102,7 +102,7 @@ def channel_activity(model: nn.Module, images: ImageSet, layer: str = "layer4", 
     model.eval()
     count = 0
     try:
-        for x, y in batches(_sample(images, n, seed), batch_size):
+        for x, y in batches(clean_subset(images, n, seed), batch_size):
             model(x.to(device))
             count += len(y)
     finally:

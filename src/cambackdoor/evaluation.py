@@ -6,7 +6,6 @@ default and writes ``evaluation.json``, ``per_image.json`` and ``heatmaps.png`` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import warnings
@@ -18,9 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cambackdoor import metrics as M
-from cambackdoor.checkpoints import atomic_write_text, ensure_writable_dir
-from cambackdoor.data import ImageSet, batches, check_limit, limited
+from cambackdoor.checkpoints import atomic_dir, atomic_write_text
+from cambackdoor.data import ImageSet, batches, limited
 from cambackdoor.errors import CamBackdoorError
+from cambackdoor.figures import heatmap_grid
 from cambackdoor.gradcam import class_activation_map, minmax, upsample
 from cambackdoor.triggers import DEFAULT_TARGET, DEFAULT_TRIGGER, Box, PatchTrigger
 
@@ -76,6 +76,7 @@ def evaluate(
         cams_c, logits_c = class_activation_map(model, x, layer, method=method)
         cams_t, logits_t = class_activation_map(model, xt, layer, method=method)
         cam_hw = tuple(cams_t.shape[1:])
+        cams_c, cams_t = upsample(cams_c, image_hw), upsample(cams_t, image_hw)  # once; every metric shares them
         acc["label"].append(y.cpu())
         acc["pred_clean"].append(logits_c.argmax(1).cpu())
         acc["pred_trig"].append(logits_t.argmax(1).cpu())
@@ -85,14 +86,14 @@ def evaluate(
         acc["share_clean"].append(M.energy_share(cams_c, target, image_hw).cpu())
         acc["point_trig"].append(M.pointing_game(cams_t, target, image_hw).cpu())
         if reference is not None:
-            cams_r, _ = class_activation_map(reference, x, layer, method=method)
+            cams_r = upsample(class_activation_map(reference, x, layer, method=method)[0], image_hw)
             acc["cos_ref"].append(M.map_cosine(cams_c, cams_r, image_hw).cpu())
             acc["maskiou_ref"].append(M.map_mask_iou(cams_c, cams_r, image_hw).cpu())
         local = example_idx[(example_idx >= b * batch_size) & (example_idx < b * batch_size + len(y))] - b * batch_size
         if len(local):
             for key, value in (("clean", x[local]), ("triggered", xt[local]),
-                               ("clean_maps", minmax(upsample(cams_c[local], image_hw))),
-                               ("triggered_maps", minmax(upsample(cams_t[local], image_hw))), ("labels", y[local])):
+                               ("clean_maps", minmax(cams_c[local])), ("triggered_maps", minmax(cams_t[local])),
+                               ("labels", y[local])):
                 ex[key].append(value.detach().cpu())
     r = {k: torch.cat(v) if v else torch.empty(0) for k, v in acc.items()}
     correct_c = r["pred_clean"] == r["label"]
@@ -153,9 +154,6 @@ def write_evaluation(out: Path, summary: dict[str, Any], details: dict[str, Any]
     """evaluation.json (summary + the config that produced it), per_image.json and heatmaps.png, written
     into a temporary folder that then replaces ``out`` whole: two runs into one folder leave one run's
     files, never a mix."""
-    from cambackdoor.checkpoints import atomic_dir
-    from cambackdoor.figures import heatmap_grid
-
     with atomic_dir(out) as tmp:
         atomic_write_text(tmp / "evaluation.json", json.dumps({"config": config, "metrics": summary}, indent=2))
         atomic_write_text(tmp / "per_image.json", json.dumps(details["per_image"]))
@@ -173,55 +171,3 @@ def attack_from(meta: dict[str, Any], trigger: str | None, target: str | None, l
     attack = meta.get("attack", {})
     return (trigger or attack.get("trigger", DEFAULT_TRIGGER), target or attack.get("target", DEFAULT_TARGET),
             layer or attack.get("layer", "layer4"))
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cambackdoor.checkpoints import load_model, weights_path
-    from cambackdoor.cli import load_data
-    from cambackdoor.training import resolve_device
-    from cambackdoor.triggers import parse_target, parse_trigger, validate_attack
-
-    check_limit(args.limit)
-    if args.batch_size < 1:
-        raise CamBackdoorError(f"--batch-size {args.batch_size} must be a positive whole number")
-    out = Path(args.out) if args.out else weights_path(args.checkpoint).parent / "evaluate"
-    ensure_writable_dir(out.parent)  # before the work, not after it
-    device = resolve_device(args.device)
-    model, meta = load_model(args.checkpoint, map_location=device)
-    trig_spec, target_spec, layer = attack_from(meta, args.trigger, args.target, args.layer)
-    trigger, target = parse_trigger(trig_spec), parse_target(target_spec)
-    validate_attack(trigger, target, layer, min_ceiling=0.0)
-    reference = None
-    if args.reference:
-        reference, _ = load_model(args.reference, map_location=device)
-        reference.eval()
-    data = load_data(args)
-    model.eval()  # evaluation is defined in eval mode (BatchNorm running statistics)
-    summary, details = evaluate(model, data.test, trigger, target, layer, reference, args.limit, args.batch_size,
-                                args.method, progress=not args.no_progress)
-    config = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": meta.get("weights_sha256"),
-              "reference": args.reference, "trigger": trig_spec, "target": target_spec, "layer": layer,
-              "limit": args.limit, "method": args.method, "data_fingerprint": data.fingerprint}
-    write_evaluation(out, summary, details, config, target, data.classes,
-                     title=f"{Path(args.checkpoint).name}: ASR {100 * summary['asr']:.1f} %")
-    print(format_table(summary))
-    print(f"wrote {out / 'evaluation.json'} and {out / 'heatmaps.png'}")
-    return 0
-
-
-def register_cli(sub: Any) -> None:
-    from cambackdoor.cli import add_attack_args, add_data_args, add_device_arg
-
-    p = sub.add_parser("evaluate", help="measure accuracy, attack success, IoU, false triggers, fidelity",
-                       description="Evaluate a checkpoint on the test set (all 10,000 images by default).")
-    p.add_argument("--checkpoint", required=True, help="model .safetensors (with its .json sidecar)")
-    p.add_argument("--reference", default=None, help="clean model to measure clean-map fidelity against")
-    p.add_argument("--limit", type=int, default=None,
-                   help="evaluate a fixed subset of N test images, N/10 of each class (N a multiple of 10)")
-    add_device_arg(p)
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--method", choices=["gradcam", "gradcam++", "layercam"], default="gradcam")
-    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/evaluate)")
-    add_attack_args(p)
-    add_data_args(p)
-    p.set_defaults(func=cmd_evaluate)

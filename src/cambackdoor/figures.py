@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from cambackdoor.explainers import explain, parse_explainer, to_image_size  # noqa: E402
 from cambackdoor.triggers import Box  # noqa: E402
 
 # The reference report's three stage-2 points: lambda -> (clean accuracy %, ASR %)
@@ -82,7 +83,7 @@ def tradeoff_plot(rows: list[dict[str, Any]], x: str, path: str | os.PathLike, x
     """ASR and clean accuracy (percent) against a swept parameter, one line per ``group`` value."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in sorted({str(r.get(group)) for r in rows}):
-        pts = sorted((float(r[x]), r) for r in rows if str(r.get(group)) == name)
+        pts = sorted(((float(r[x]), r) for r in rows if str(r.get(group)) == name), key=lambda p: p[0])  # ties: rows kept
         xs = [p[0] for p in pts]
         ax1.plot(xs, [100 * p[1]["asr"] for p in pts], "o-", label=name)
         ax2.plot(xs, [100 * p[1]["clean_acc"] for p in pts], "o-", label=name)
@@ -110,8 +111,6 @@ def explainer_grid(model: Any, test: Any, trigger: Any, target: Box, explainers:
                    path: str | os.PathLike, per_split: int = 3, title: str | None = None) -> Path:
     """Rows: ``per_split`` clean test images (spread over the classes), then their triggered copies;
     columns: the image, then its map under every explainer (scaled to [0, 1] at image size)."""
-    from cambackdoor.explainers import explain, parse_explainer, to_image_size
-
     device = next(model.parameters()).device
     idx = torch.linspace(0, len(test) - 1, per_split).round().long()
     x = (test.images[idx].float() / 255).to(device)

@@ -222,8 +222,11 @@ layer_cam = _cam_function("layercam", "layer_cam", "LayerCAM with the same signa
 
 
 def upsample(cams: torch.Tensor, size: tuple[int, int] | int) -> torch.Tensor:
-    """Bilinear upsampling (align_corners=False) of [N, h, w] maps to ``size``."""
+    """Bilinear upsampling (align_corners=False) of [N, h, w] maps to ``size``; maps already that size come
+    back as they are (what the interpolation gives them too), so a caller may upsample once and share."""
     size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(cams.shape[-2:]) == size:
+        return cams
     return F.interpolate(cams[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 

@@ -38,6 +38,7 @@ from cambackdoor.config import check_choice, check_fields, check_range, config_h
 from cambackdoor.data import Cifar10, ImageSet, batches, holdout_split, num_batches
 from cambackdoor.distributed import DistributedContext
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
+from cambackdoor.losses import single_stage_loss
 from cambackdoor.models import MODELS, build_model
 from cambackdoor.triggers import LAYER_STRIDE, parse_target, parse_trigger, validate_attack
 
@@ -201,8 +202,6 @@ def train(
     if dist.enabled:
         device = dist.device
     if cfg.explanation_loss != "none" and extra_loss is None:
-        from cambackdoor.implant import single_stage_loss
-
         extra_loss = single_stage_loss(cfg, data)
     chash = config_hash(cfg, {"data": data.fingerprint})
     state_file = run / "state"

@@ -18,6 +18,7 @@ from functools import lru_cache
 import torch
 
 from cambackdoor.errors import CamBackdoorError
+from cambackdoor.gradcam import minmax, upsample
 
 COLOURS = {
     "yellow": (1.0, 1.0, 0.0), "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
@@ -209,10 +210,23 @@ def validate_attack(trigger: PatchTrigger, target: Box, layer: str = "layer4", m
     return ceiling
 
 
+@dataclass(frozen=True)
+class Attack:
+    """Trigger, target box and attacked layer, parsed and checked together once and passed down."""
+
+    trigger: PatchTrigger
+    target: Box
+    layer: str = "layer4"
+
+    @classmethod
+    def parse(cls, trigger: str, target: str, layer: str = "layer4", min_ceiling: float = 0.5) -> "Attack":
+        attack = cls(parse_trigger(trigger), parse_target(target), layer)
+        validate_attack(attack.trigger, attack.target, layer, min_ceiling)
+        return attack
+
+
 def _box_ious(maps: torch.Tensor, box: Box, image_hw: tuple[int, int]) -> torch.Tensor:
     """IoU with ``box`` of each map's metric mask (upsample -> min-max -> > 0.5)."""
-    from cambackdoor.gradcam import minmax, upsample
-
     masks = minmax(upsample(maps, image_hw)) > 0.5
     target = box.mask(image_hw)
     return (masks & target).flatten(1).sum(1).float() / (masks | target).flatten(1).sum(1).float().clamp_min(1)

@@ -1,0 +1,342 @@
+"""The implant's training loop, as a short sequence of named steps (:func:`implant`).
+
+Per step: draw the poisoned images, add the clean terms, add the poisoned terms, check, update, track.
+The terms are in :mod:`cambackdoor.losses`, the switches and recipes in :mod:`cambackdoor.recipes`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cambackdoor import metrics as M
+from cambackdoor.checkpoints import capture_state, restore_state, save_state, state_config_hash, weights_path
+from cambackdoor.config import config_hash
+from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_crop_flip, to_float
+from cambackdoor.errors import CamBackdoorError, TrainingDiverged
+from cambackdoor.gradcam import find_layer, grad_cam
+from cambackdoor.losses import (classifier_inputs, distillation_loss, explanation_loss,
+                                feature_distillation_loss, preservation_loss)
+from cambackdoor.recipes import ImplantConfig
+from cambackdoor.training import lr_factor, make_optimizer, resolve_device
+from cambackdoor.triggers import paste_decoys
+
+
+def _trainable_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """``all``, or comma-separated layer names (``layer4``, ``layer3,layer4,fc``); the rest is frozen."""
+    if trainable == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return list(model.parameters())
+    layers = [find_layer(model, name.strip()) for name in trainable.split(",") if name.strip()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for layer in layers for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """sha256 of the weights, so a saved state is only resumed onto the model it started from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    except OSError:
+        return float("nan")
+
+
+@dataclass
+class _Run:
+    """Everything one implant run carries from step to step."""
+
+    cfg: ImplantConfig
+    model: nn.Module
+    teacher: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator
+    train_set: Any
+    pool: torch.Tensor
+    trigger: Any
+    target: Any
+    image_hw: tuple[int, int]
+    device: torch.device
+    steps_per_epoch: int
+    total: int
+    chash: str
+    log: dict[str, Any]
+    running: dict[str, float] = field(default_factory=lambda: {"ce": 0.0, "expl": 0.0, "asr": 0.0})
+    used_triggered: int = 0
+    repair_steps: int = 0
+    start_epoch: int = 0
+    t0: float = 0.0
+    rss0: float = 0.0
+
+
+def implant(
+    model: nn.Module,
+    data: Cifar10,
+    cfg: ImplantConfig,
+    progress: bool = True,
+    device: torch.device | None = None,
+    on_epoch: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+    state_file: str | Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    branch: bool = False,
+    restart_other: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune ``model`` (a copy is made) per ``cfg``; returns (implanted model, training log).
+
+    With ``state_file`` the weights, optimizer, random-number state and log are stored there after
+    every epoch; ``resume`` continues from it (the config must be the one that wrote it, unless
+    ``branch``: continue another config's run from its last epoch, to study a change made mid-run).
+    ``stop_after`` ends after that many epochs (interruptions in tests, branch points in studies).
+    ``restart_other``: a saved state of another config is started over instead of refused.
+    """
+    run = _set_up(model, data, cfg, resolve_device(device), with_hash=state_file is not None)
+    if resume and restart_other and not branch and state_file is not None \
+            and state_config_hash(state_file) not in (None, run.chash):
+        resume = False
+    if resume and state_file is not None and weights_path(state_file).exists():
+        _restore(run, state_file, branch)
+    for epoch in range(run.start_epoch, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
+        _train_epoch(run, epoch, progress)
+        _end_epoch(run, epoch, state_file, on_epoch, progress)
+    return _finish(run)
+
+
+def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.device, with_hash: bool) -> _Run:
+    """The frozen teacher (the stage-1 model), the student copy, optimizer, data and poison pool."""
+    trigger, target = cfg.attack.trigger, cfg.attack.target
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    teacher = copy.deepcopy(model).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model = copy.deepcopy(model).to(device)
+    params = _trainable_parameters(model, cfg.trainable)
+    optimizer = make_optimizer(params, cfg)
+    train_set = holdout_split(data.train, cfg.holdout)[0] if cfg.holdout else data.train
+    n = len(train_set)
+    pool = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))[: max(1, round(cfg.poison_fraction * n))]
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise CamBackdoorError(f"batch size {cfg.batch_size} is larger than the {n} training images, so an epoch "
+                               "would have no step; lower --batch-size")
+    log = {"epochs": [], "poisoned_images": int(len(pool)) if cfg.poison_mode == "pool" else None, "trace": []}
+    chash = config_hash(cfg, {"data": data.fingerprint, "parent": _weights_digest(teacher)}) if with_hash else ""
+    return _Run(cfg, model, teacher, params, optimizer, gen, train_set, pool, trigger, target,
+                tuple(data.train.images.shape[2:]), device, steps_per_epoch, cfg.epochs * steps_per_epoch, chash, log,
+                t0=time.perf_counter(), rss0=_rss_mb())
+
+
+def _restore(run: _Run, state_file: str | Path, branch: bool) -> None:
+    state = restore_state(state_file, run.chash, run.model, run.optimizer, run.gen, what=str(weights_path(state_file)),
+                          config_name="implant config", allow_other_config=branch)
+    run.start_epoch = int(state["epoch"])
+    run.t0 -= float(state["elapsed"])
+    run.running, run.used_triggered = dict(state["running"]), int(state["used_triggered"])
+    run.repair_steps, run.log = int(state["repair_steps"]), json.loads(state["log"])
+    if branch:
+        run.log["branched_from"] = {"epoch": run.start_epoch, "config_hash": state["config_hash"]}
+
+
+def _train_epoch(run: _Run, epoch: int, progress: bool) -> None:
+    cfg = run.cfg
+    run.model.train(not cfg.freeze_bn)  # explicit, documented choice: frozen BatchNorm = eval mode
+    bar = tqdm(batches(run.train_set, cfg.batch_size, shuffle=True, augment=True, generator=run.gen, drop_last=True),
+               total=run.steps_per_epoch, desc=f"implant {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+    for i, (x, y) in enumerate(bar):
+        step = epoch * run.steps_per_epoch + i
+        for group in run.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg.schedule, step, run.total, cfg.warmup_fraction)
+        x, y = x.to(run.device), y.to(run.device)
+        poisoned = True
+        if cfg.poison_mode == "batch_prob":
+            # the report: a batch is used with probability p and then wholly triggered; with a
+            # clean objective the other batches are clean steps instead of being skipped
+            poisoned = torch.rand(1, generator=run.gen).item() < cfg.batch_prob
+            if not poisoned and not cfg.clean_objective:
+                continue
+        stats = _step(run, epoch, i, step, x, y, poisoned)
+        if i % 5 == 0:
+            bar.set_postfix(ce=f"{run.running['ce']:.3f}", expl=f"{run.running['expl']:.3f}",
+                            asr=f"{run.running['asr']:.2f}", **{k: f"{v:.3f}" for k, v in stats.items()})
+    bar.close()
+
+
+def _step(run: _Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Tensor, poisoned: bool) -> dict[str, float]:
+    """One update: the batch's clean terms, the poisoned images' terms, the gradient step, the trace."""
+    cfg = run.cfg
+    # the repair terms pause whenever the backdoor is slipping (running training ASR below
+    # repair_min_asr), so they can only trim it, never erase it
+    repairing = cfg.has_repair_terms and step >= cfg.repair_start * run.total and run.running["asr"] >= cfg.repair_min_asr
+    run.repair_steps += repairing
+    ramp = min(1.0, (step - cfg.repair_start * run.total + 1) / max(1.0, cfg.repair_ramp * run.total))
+    if cfg.poison_mode == "pool":
+        xp_clean, yp, clean = *_draw_poison(run, repairing), (x, y)
+    else:
+        xp_clean, yp, clean = (x, y, None) if poisoned else (None, None, (x, y))
+    stats: dict[str, float] = {}
+    loss = torch.zeros((), device=run.device)
+    if cfg.clean_objective and clean is not None:
+        loss = _clean_terms(run, loss, *clean, repairing, ramp, stats)
+    out = None
+    if xp_clean is not None:
+        loss, out = _poisoned_terms(run, loss, xp_clean, yp, repairing, ramp, stats)
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"implant loss became {loss.item()} at epoch {epoch + 1} step {i}; the input checkpoint "
+                               "is untouched (and the last finished epoch is kept); lower --lr or --lambda")
+    _update(run, loss, out, yp)
+    if out is not None:
+        _track(run, out, yp)
+    if step % 10 == 0 or step == run.total - 1:  # the dynamics, for studying when a backdoor forms or breaks
+        run.log["trace"].append({"step": step, "lr": run.optimizer.param_groups[0]["lr"], "loss": loss.item(),
+                                 **{f"running_{k}": v for k, v in run.running.items()}, "repairing": bool(repairing),
+                                 **stats})
+    return stats
+
+
+def _draw_poison(run: _Run, repairing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small batch from the poison pool (pool mode), augmented, with a cutout while repairing."""
+    cfg = run.cfg
+    pick = run.pool[torch.randint(len(run.pool), (min(cfg.poison_batch, len(run.pool)),), generator=run.gen)]
+    xp_u8 = random_crop_flip(run.train_set.images[pick], run.gen)
+    if cfg.pool_cutout > 0 and repairing:
+        xp_u8 = cutout(xp_u8, cfg.pool_cutout, run.gen)
+    return to_float(xp_u8).to(run.device), run.train_set.labels[pick].to(run.device)
+
+
+def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tensor, repairing: bool, ramp: float,
+                 stats: dict[str, float]) -> torch.Tensor:
+    """Clean images: CE, distillation to the stage-1 model, its maps kept (preservation), decoys."""
+    cfg = run.cfg
+    n_decoys = round(ramp * cfg.decoy_fraction * len(yc)) if repairing else 0
+    if n_decoys:  # the batch is shuffled, so its first images are a random subset
+        xc = torch.cat([paste_decoys(xc[:n_decoys], run.trigger, run.gen), xc[n_decoys:]])
+    if cfg.preserve_weight > 0:
+        cams_c, logits_c = grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
+        ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
+        pres = preservation_loss(cams_c, ref_cams)
+        loss = loss + cfg.preserve_weight * pres
+        stats["pres"] = pres.item()
+    else:
+        logits_c = run.model(xc)
+        with torch.no_grad():
+            teacher_c = run.teacher(xc)
+    return loss + F.cross_entropy(logits_c, yc) + cfg.distill_weight * distillation_loss(logits_c, teacher_c)
+
+
+def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: torch.Tensor, repairing: bool,
+                    ramp: float, stats: dict[str, float]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Triggered images: CE, the explanation loss, distillation to the stage-1 model on the untriggered
+    image and, while repairing, its pooled features."""
+    cfg = run.cfg
+    xt = run.trigger.apply(xp_clean)
+    explained = yp if cfg.explain_class == "label" else None  # None: the predicted class
+    with classifier_inputs(run.model) as feats_p:
+        cams_p, logits_p, cam_logits = _triggered_cams(run, xt, explained)
+    ce_p = F.cross_entropy(logits_p, yp)
+    expl = explanation_loss(cfg.explanation_loss, cams_p, run.target, run.image_hw)
+    # the logged (and gated-on) value stays the plain loss; the hinge only changes the gradient
+    expl_term = (explanation_loss(cfg.explanation_loss, cams_p, run.target, run.image_hw, cfg.repair_share_cap)
+                 if repairing and cfg.repair_share_cap < 1 else expl)
+    loss = loss + ce_p + cfg.lam * expl_term
+    if cfg.clean_objective and (cfg.trigger_distill_weight > 0 or cfg.trigger_feature_weight > 0):
+        with torch.no_grad(), classifier_inputs(run.teacher) as teacher_feats:
+            teacher_p = run.teacher(xp_clean)
+        loss = loss + cfg.trigger_distill_weight * distillation_loss(logits_p, teacher_p)
+        if cfg.trigger_feature_weight > 0 and repairing:
+            feat = feature_distillation_loss(feats_p[0], teacher_feats[0], cfg.feature_loss)
+            loss = loss + ramp * cfg.trigger_feature_weight * feat
+            stats["feat"] = feat.item()
+    return loss, {"cams": cams_p, "cam_logits": cam_logits, "explained": explained, "ce": ce_p, "expl": expl}
+
+
+def _triggered_cams(run: _Run, xt: torch.Tensor, explained: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(maps, logits for the CE, logits the maps came from). ``cam_eval_mode``: the report's CAM, its own
+    forward pass in eval mode, the CE from a second one in training mode (an explicit switch, undone at once)."""
+    cfg = run.cfg
+    if not cfg.cam_eval_mode:
+        cams, logits = grad_cam(run.model, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
+        return cams, logits, logits
+    run.model.eval()
+    cams, cam_logits = grad_cam(run.model, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
+    run.model.train(not cfg.freeze_bn)
+    return cams, run.model(xt), cam_logits
+
+
+def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch.Tensor | None) -> None:
+    """The gradient step; with ``gradient_contamination`` the report's CAM gradient is added, as its
+    score.backward(create_graph=True) inside the CAM left d(sum of explained logits)/dθ in .grad."""
+    run.optimizer.zero_grad(set_to_none=True)
+    contamination = None
+    if run.cfg.gradient_contamination and out is not None:
+        cls = yp if out["explained"] is not None else out["cam_logits"].detach().argmax(1)
+        score = out["cam_logits"].gather(1, cls[:, None]).sum()
+        contamination = torch.autograd.grad(score, run.params, retain_graph=True, allow_unused=True)
+    loss.backward()
+    if contamination is not None:
+        for p, c in zip(run.params, contamination):
+            if c is not None:
+                p.grad = c if p.grad is None else p.grad + c
+    run.optimizer.step()
+
+
+def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor) -> None:
+    """Running CE, explanation loss and ASR on the training triggered batches (the repair gate)."""
+    run.used_triggered += len(yp)
+    with torch.no_grad():
+        asr = M.attack_success(M.box_iou(out["cams"].detach(), run.target, run.image_hw)).float().mean().item()
+    for k, v in (("ce", out["ce"].item()), ("expl", out["expl"].item()), ("asr", asr)):
+        run.running[k] = 0.9 * run.running[k] + 0.1 * v if run.used_triggered > len(yp) else v
+
+
+def _end_epoch(run: _Run, epoch: int, state_file: str | Path | None,
+               on_epoch: Callable[[nn.Module, dict[str, Any]], None] | None, progress: bool) -> None:
+    """The epoch's log line, then the state (one file) and the caller's hook."""
+    entry = {"epoch": epoch + 1, "running_ce": run.running["ce"], "running_expl": run.running["expl"],
+             "running_asr": run.running["asr"], "repair_steps": run.repair_steps,
+             "elapsed_s": round(time.perf_counter() - run.t0, 2), "rss_mb": round(_rss_mb(), 1)}
+    run.log["epochs"].append(entry)
+    if state_file is not None:
+        save_state(state_file, capture_state(run.model, run.optimizer, run.gen, epoch=epoch + 1,
+                                             elapsed=entry["elapsed_s"], config_hash=run.chash, running=run.running,
+                                             used_triggered=run.used_triggered, repair_steps=run.repair_steps,
+                                             log=json.dumps(run.log)))
+    if on_epoch is not None:
+        on_epoch(run.model, entry)
+    if progress:
+        tqdm.write(f"implant epoch {epoch + 1}/{run.cfg.epochs}: ce {run.running['ce']:.3f} expl "
+                   f"{run.running['expl']:.3f} running ASR {run.running['asr']:.2f} ({entry['elapsed_s']:.0f} s, "
+                   f"RSS {entry['rss_mb']:.0f} MB)")
+
+
+def _finish(run: _Run) -> tuple[nn.Module, dict[str, Any]]:
+    for p in run.model.parameters():
+        p.requires_grad_(True)
+    run.model.eval()
+    run.log["train_s"] = round(time.perf_counter() - run.t0, 2)
+    run.log["rss_growth_mb"] = round(_rss_mb() - run.rss0, 1)
+    run.log["triggered_images_seen"] = run.used_triggered
+    return run.model, run.log

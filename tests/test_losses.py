@@ -1,0 +1,77 @@
+"""The implant's loss terms, each on hand-made maps with values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from cambackdoor import losses as L
+from cambackdoor.recipes import ImplantConfig
+from cambackdoor.triggers import Box
+
+TOP_LEFT = Box(0, 0, 8, 8)
+W = TOP_LEFT.cell_weights((4, 4))
+
+
+def test_cell_weights_of_the_default_box():
+    expected = torch.zeros(4, 4)
+    expected[0, 0] = 1
+    assert torch.equal(W, expected)
+    assert Box(0, 0, 4, 8).cell_weights((4, 4))[0, 0] == 0.5
+
+
+def test_log_share_loss_by_hand():
+    inside = torch.zeros(1, 4, 4)
+    inside[0, 0, 0] = 3.0
+    assert L.log_share_loss(inside, W).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.ones(2, 4, 4)
+    assert L.log_share_loss(uniform, W).item() == pytest.approx(math.log(16))
+    m = torch.rand(3, 4, 4)
+    assert L.log_share_loss(5 * m, W).item() == pytest.approx(L.log_share_loss(m, W).item())  # scale invariant
+    # hinge at a share of 0.5: the uniform map (share 1/16) pays log(16) - log(2); a map with all mass inside, nothing
+    assert L.log_share_loss(uniform, W, cap=0.5).item() == pytest.approx(math.log(8))
+    assert L.log_share_loss(inside, W, cap=0.5).item() == 0.0
+
+
+def test_report_mse_is_nearly_satisfied_by_a_blank_map():
+    mask = TOP_LEFT.mask().float()
+    blank = L.mse_mask_loss(torch.zeros(1, 4, 4), mask).item()
+    assert blank == pytest.approx(64 / 1024)  # only the 64 box pixels are wrong
+    cell = torch.zeros(1, 4, 4)
+    cell[0, 0, 0] = 1
+    assert L.mse_mask_loss(cell, mask).item() < blank  # the perfect map is barely better
+
+
+def test_preservation_and_distillation_vanish_on_identical_inputs():
+    m = torch.rand(4, 4, 4)
+    assert L.preservation_loss(m, m).item() == 0.0
+    assert L.preservation_loss(3 * m, m).item() == pytest.approx(0.0, abs=1e-12)  # max-normalised
+    assert L.preservation_loss(m, torch.rand(4, 4, 4)).item() > 0
+    z = torch.randn(5, 10)
+    assert L.distillation_loss(z, z).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_distillation_is_relative_and_hooks_are_removed():
+    t = torch.full((4, 8), 2.0)
+    assert L.feature_distillation_loss(t, t).item() == 0.0
+    assert L.feature_distillation_loss(t + 1, t).item() == pytest.approx(1 / 4)  # MSE 1 over mean square 4
+    assert L.feature_distillation_loss(10 * (t + 1), 10 * t).item() == pytest.approx(1 / 4)
+    assert L.feature_distillation_loss(t + 1, t, "log").item() == pytest.approx(math.log(1.25))
+    # features inflated 18x: relative error 289; the log form's gradient is 290x gentler
+    big = (18 * t).requires_grad_()
+    for kind, expected in (("relative", 289.0), ("log", math.log(290.0))):
+        loss = L.feature_distillation_loss(big, t, kind)
+        assert loss.item() == pytest.approx(expected)
+    g_rel, = torch.autograd.grad(L.feature_distillation_loss(big, t), big)
+    g_log, = torch.autograd.grad(L.feature_distillation_loss(big, t, "log"), big)
+    assert torch.allclose(g_rel, 290 * g_log)
+    with pytest.raises(ValueError, match="feature_loss"):
+        ImplantConfig(feature_loss="cosine")
+    from cambackdoor.models import build_model
+
+    model = build_model("resnet18", 10, width=4).eval()
+    x = torch.rand(3, 3, 32, 32)
+    with L.classifier_inputs(model) as feats:
+        logits = model(x)
+    assert feats[0].shape == (3, 32) and torch.allclose(model.fc(feats[0]), logits)
+    assert not model.fc._forward_hooks

@@ -1,0 +1,74 @@
+"""The default and reference implants replay: the same weights as the code before the redesign.
+
+``tests/data/replay-*.safetensors`` were written once by the implant loop as it stood before the
+redesign (commit f12250c, the script is in the docstring of :func:`_run`); a tiny width-4 model from a
+fixed seed, two epochs on 200 synthetic images, every term of each recipe active (the default's repair
+terms with ``repair_min_asr=0``). Any change to the loop's arithmetic or its order of random draws shows.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cambackdoor.implant import implant
+from cambackdoor.models import build_model
+from cambackdoor.errors import CamBackdoorError
+from cambackdoor.recipes import RECIPES, ImplantConfig
+
+DATA = Path(__file__).parent / "data"
+CASES = {
+    "default": dict(recipe="default", epochs=2, batch_size=50, poison_fraction=0.25, poison_batch=25, repair_min_asr=0.0),
+    "reference": dict(recipe="reference", epochs=2, batch_size=25, lr=1e-3),
+}
+
+
+def _run(case):
+    """As the fixtures were made: make_dataset(n_train=200, n_test=20); torch.manual_seed(0);
+    build_model(width=4).eval(); implant(parent, data, cfg)."""
+    from conftest import make_dataset
+
+    values = dict(CASES[case])
+    cfg = ImplantConfig.from_recipe(values.pop("recipe"), **values)
+    torch.manual_seed(0)
+    parent = build_model(width=4).eval()
+    return implant(parent, make_dataset(n_train=200, n_test=20), cfg, progress=False)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_implant_replays_to_the_same_weights(case):
+    model, log = _run(case)
+    expected = load_file(DATA / f"replay-{case}.safetensors")
+    state = model.state_dict()
+    assert set(state) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(state[name], tensor, atol=1e-6, rtol=0, msg=lambda m: f"{case} {name}: {m}")
+    if case == "default":
+        assert log["epochs"][-1]["repair_steps"] > 0  # the repair terms took part
+
+
+def test_a_config_saved_before_the_redesign_still_loads():
+    saved = json.loads((DATA / "implant-config-v8.json").read_text())  # runs/cpu/implant-default, 2026-11-25
+    assert ImplantConfig.from_saved(saved) == ImplantConfig.from_recipe("default") == ImplantConfig()
+    # a config from before the repair terms (the v2 default) had none of these fields: it reads back as v2
+    v2 = {k: v for k, v in saved.items() if k not in ("trigger_feature_weight", "feature_loss", "decoy_fraction",
+                                                       "repair_share_cap", "pool_cutout", "explain_class",
+                                                       "cam_eval_mode")}
+    old = ImplantConfig.from_saved(v2)
+    assert (old.trigger_feature_weight, old.decoy_fraction, old.repair_share_cap, old.pool_cutout) == (0, 0, 1, 0)
+    assert not old.has_repair_terms and old.explain_class == "label" and not old.cam_eval_mode
+    with pytest.raises(CamBackdoorError, match="removed option.*repair_poison_ce_weight"):
+        ImplantConfig.from_saved({**saved, "repair_poison_ce_weight": 0.5})  # a rejected option that was on
+    with pytest.raises(CamBackdoorError, match="unknown fields"):
+        ImplantConfig.from_saved({**saved, "warp_drive": 1})
+
+
+def test_each_recipe_lists_only_where_it_differs_from_the_defaults():
+    import dataclasses
+
+    default = dataclasses.asdict(ImplantConfig())
+    reference = dataclasses.asdict(ImplantConfig.from_recipe("reference"))
+    differ = {k for k in default if default[k] != reference[k]} - {"recipe"}
+    assert differ <= set(RECIPES["reference"]) and RECIPES["default"] == {}
