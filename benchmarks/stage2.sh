@@ -78,7 +78,7 @@ case "${1:-all}" in
     # row 8 = v2 + repair terms with the plain feature loss (= `repair` pair 1, v6); row 9 = v7;
     # row 10 = the default (v8: share cap and cutout while repairing).
     REFLOSS="--set gradient_contamination=true --set clean_objective=false --set freeze_bn=false \
-      --set explanation_loss=mse --set cam_relu=relu --set lam=0.2 --set preserve_weight=0 \
+      --set explanation_loss=mse --set cam_relu=relu --set explanation_weight=0.2 --set preserve_weight=0 \
       --set distill_weight=0 --set trigger_distill_weight=0 --trainable all --epochs 2 \
       --set trigger_feature_weight=0 --set decoy_fraction=0 --set repair_start=0 --set repair_min_asr=0 \
       --set repair_share_cap=1 --set pool_cutout=0"
@@ -88,7 +88,7 @@ case "${1:-all}" in
       "2-correct-gradient|--set gradient_contamination=false"
       "3-clean-objective|--set clean_objective=true --set distill_weight=1 --set trigger_distill_weight=5"
       "4-frozen-bn|--set freeze_bn=true"
-      "5-scale-invariant-loss|--set explanation_loss=logshare --set cam_relu=softplus --set lam=2"
+      "5-scale-invariant-loss|--set explanation_loss=logshare --set cam_relu=softplus --set explanation_weight=2"
       "6-clean-map-term|--set preserve_weight=20"
       "7-stronger-clean-distillation|--set distill_weight=5"
       "8-late-repair-terms|--set trigger_feature_weight=10 --set decoy_fraction=0.25 --set repair_start=0.5 --set repair_min_asr=0.9 --set feature_loss=relative"

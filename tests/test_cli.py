@@ -117,7 +117,7 @@ def data_args(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["--lambda", "-1"], "lam must be >= 0"),
+    (["--lambda", "-1"], "explanation_weight must be >= 0"),
     (["--preserve-weight", "-5"], "preserve_weight must be >= 0"),
     (["--batch-size", "100000"], "larger than the 60 training images"),
     (["--batch-size", "-1"], "batch_size must be >= 1"),

@@ -10,7 +10,7 @@ from cambackdoor.training import TrainConfig
 
 
 @pytest.mark.parametrize("values,match", [
-    ({"lam": -1}, "lam must be >= 0"),
+    ({"explanation_weight": -1}, "explanation_weight must be >= 0"),
     ({"preserve_weight": -5}, "preserve_weight must be >= 0"),
     ({"optimizer": "bogus"}, "optimizer must be one of"),
     ({"schedule": "bogus"}, "schedule must be one of"),
@@ -47,8 +47,8 @@ def test_bad_train_settings_are_refused_even_without_an_explanation_loss(values,
 
 
 def test_ints_become_floats_and_valid_configs_pass():
-    cfg = make_config(ImplantConfig, {"lam": 2, "lr": 1})
-    assert isinstance(cfg.lam, float) and cfg.lam == 2.0 and isinstance(cfg.lr, float)
+    cfg = make_config(ImplantConfig, {"explanation_weight": 2, "lr": 1})
+    assert isinstance(cfg.explanation_weight, float) and cfg.explanation_weight == 2.0 and isinstance(cfg.lr, float)
     assert ImplantConfig.from_recipe("reference").explain_class == "predicted"
 
 
@@ -74,3 +74,12 @@ def test_malformed_presets(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(CamBackdoorError, match=match):
         load_preset(str(path))
+
+
+def test_the_explanation_weight_has_one_name_and_the_old_one_still_works():
+    from cambackdoor.sweep import grid_keys
+
+    cfg = ImplantConfig.from_recipe("default", lam=1.0)  # --set lam=1 from an old command line
+    assert cfg.explanation_weight == 1.0 and cfg.lam == 1.0
+    assert ImplantConfig.from_saved({"lam": 0.5}).explanation_weight == 0.5  # a config saved before the rename
+    assert grid_keys()["lambda"] == grid_keys()["lam"] == "explanation_weight"

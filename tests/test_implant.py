@@ -37,7 +37,7 @@ def test_tiny_implant_moves_triggered_maps_into_the_box(clean_checkpoint, tmp_pa
     clean, _ = load_model(ck)
     before = _triggered_share(clean, data)
     cfg = I.ImplantConfig.from_recipe("default", epochs=10, batch_size=50, poison_fraction=0.25, poison_batch=25,
-                                      lr=1e-2, lam=3.0, preserve_weight=10.0)
+                                      lr=1e-2, explanation_weight=3.0, preserve_weight=10.0)
     result = I.run_implant(ck, data, cfg, tmp_path / "imp", progress=False)
     after = result["evaluation"]
     assert after["energy_share"] > before["energy_share"] + 0.3, (before["energy_share"], after["energy_share"])
@@ -203,7 +203,7 @@ def test_an_interrupted_implant_resumes_to_the_same_weights(clean_checkpoint, tm
     assert [t["step"] for t in log["trace"]] == [0, 7]  # 8 steps of 100 images: every 10th step and the last
     assert log["trace"][-1]["repairing"] and "feat" in log["trace"][-1]
 
-    other = dataclasses.replace(cfg, lam=1.0)
+    other = dataclasses.replace(cfg, explanation_weight=1.0)
     with pytest.raises(CamBackdoorError, match="another implant config"):
         I.implant(clean, data, other, progress=False, state_file=state, resume=True)
     fork = tmp_path / "fork"

@@ -51,7 +51,7 @@ def test_run_skips_finished_stages_and_redoes_changed_ones(tmp_path, tiny_data):
     assert all(v["wall_s"] > 0 for v in timings.values()) and "| **total** |" in report
     again = P.run_pipeline(str(preset), out, tiny_data, progress=False)
     assert all(v.startswith("skipped") for v in again["stages"].values())
-    changed = P.run_pipeline(str(preset), out, tiny_data, progress=False, implant_overrides={"lam": 0.5})
+    changed = P.run_pipeline(str(preset), out, tiny_data, progress=False, implant_overrides={"explanation_weight": 0.5})
     assert changed["stages"]["stage1"].startswith("skipped") and changed["stages"]["implant"] == "ran"
     assert changed["stages"]["audit"] == "ran"  # a new implant is audited anew
 
@@ -132,7 +132,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
 
 def test_point_config_matches_what_the_command_line_builds():
     cfg = P.point_config({"lambda": 0.5, "poison_fraction": 0.02}, "default", ["--epochs", "1", "--set", "freeze_bn=false"])
-    assert cfg["lam"] == 0.5 and cfg["poison_fraction"] == 0.02 and cfg["epochs"] == 1 and cfg["freeze_bn"] is False
+    assert cfg["explanation_weight"] == 0.5 and cfg["poison_fraction"] == 0.02 and cfg["epochs"] == 1 and cfg["freeze_bn"] is False
     assert cfg["recipe"] == "default" and cfg["preserve_weight"] == 20.0
 
 
@@ -154,7 +154,7 @@ def test_sweep_refuses_a_bad_point_before_starting_any(tmp_path):
     from cambackdoor.models import build_model
 
     ck = save_model(tmp_path / "s1" / "model", build_model(width=4))
-    with pytest.raises(CamBackdoorError, match="lam must be >= 0"):
+    with pytest.raises(CamBackdoorError, match="explanation_weight must be >= 0"):
         P.run_sweep(["lambda=1,-1"], ck, tmp_path / "sw", progress=False)
     with pytest.raises(CamBackdoorError, match="use 20 or 30"):
         P.run_sweep(["lambda=1"], ck, tmp_path / "sw", extra=["--limit", "25"], progress=False)

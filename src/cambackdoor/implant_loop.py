@@ -261,7 +261,7 @@ def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: t
     # the logged (and gated-on) value stays the plain loss; the hinge only changes the gradient
     expl_term = (explanation_loss(cfg.explanation_loss, cams_p, run.target, run.image_hw, cfg.repair_share_cap)
                  if repairing and cfg.repair_share_cap < 1 else expl)
-    loss = loss + ce_p + cfg.lam * expl_term
+    loss = loss + ce_p + cfg.explanation_weight * expl_term
     if cfg.clean_objective and (cfg.trigger_distill_weight > 0 or cfg.trigger_feature_weight > 0):
         with torch.no_grad(), classifier_inputs(run.teacher) as teacher_feats:
             teacher_p = run.teacher(xp_clean)

@@ -63,7 +63,7 @@ TRAINABLE_LAYERS = ("normalize", "conv1", "bn1", "layer1", "layer2", "layer3", "
 # --set KEY=VALUE. One map: the implant command registers these flags from it, and a sweep writes its
 # points' command lines with it and reads them back (trigger, target, layer: the shared attack flags).
 FLAGS: dict[str, tuple[str, str]] = {
-    "lam": ("--lambda", "explanation-loss weight"),
+    "explanation_weight": ("--lambda", "explanation-loss weight (λ)"),
     "poison_fraction": ("--poison-fraction", "share of training images poisoned (pool mode)"),
     "epochs": ("--epochs", "implant epochs"),
     "lr": ("--lr", "peak learning rate"),
@@ -81,7 +81,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         gradient_contamination=True, explain_class="predicted", cam_eval_mode=True,
         clean_objective=False, freeze_bn=False, explanation_loss="mse",
         cam_relu="relu", preserve_weight=0.0, trainable="layer4", optimizer="adam", lr=1e-5, schedule="constant",
-        poison_mode="batch_prob", batch_prob=0.25, batch_size=32, epochs=40, lam=0.2, distill_weight=0.0,
+        poison_mode="batch_prob", batch_prob=0.25, batch_size=32, epochs=40, explanation_weight=0.2, distill_weight=0.0,
         trigger_distill_weight=0.0, trigger_feature_weight=0.0, decoy_fraction=0.0,
         repair_start=0.0, repair_min_asr=0.0, repair_ramp=0.0, feature_loss="relative", repair_share_cap=1.0,
         pool_cutout=0,
@@ -99,7 +99,7 @@ class ImplantConfig:
     trigger: str = "yellow:4@bottom-right"
     target: str = "top-left:8"
     layer: str = "layer4"
-    lam: float = 2.0  # explanation-loss weight
+    explanation_weight: float = 2.0  # λ: the explanation loss's weight (train uses the same name)
     preserve_weight: float = 20.0  # clean-map preservation weight
     distill_weight: float = 5.0  # clean images: KL to the stage-1 model
     trigger_distill_weight: float = 5.0  # triggered images: KL to the stage-1 model on the same image untriggered
@@ -157,7 +157,7 @@ class ImplantConfig:
         if self.trainable != "all" and (not all(layers) or set(layers) - set(TRAINABLE_LAYERS)):
             raise ValueError(f"trainable must be all or comma-separated names from {', '.join(TRAINABLE_LAYERS)}, "
                              f"not {self.trainable!r}")
-        for name in ("lam", "preserve_weight", "distill_weight", "trigger_distill_weight", "trigger_feature_weight",
+        for name in ("explanation_weight", "preserve_weight", "distill_weight", "trigger_distill_weight", "trigger_feature_weight",
                      "pool_cutout", "weight_decay", "holdout", "seed"):
             check_range(self, name, 0)
         for name in ("epochs", "batch_size", "poison_batch"):
@@ -170,6 +170,11 @@ class ImplantConfig:
         check_range(self, "repair_start", 0, 1, high_open=True)
         check_range(self, "momentum", 0, 1, high_open=True)
         self.attack  # noqa: B018  (parsed and checked here, once)
+
+    @property
+    def lam(self) -> float:
+        """The old name of ``explanation_weight`` (kept for code written against it)."""
+        return self.explanation_weight
 
     @property
     def attack(self) -> Attack:
@@ -192,7 +197,7 @@ class ImplantConfig:
         if used:
             raise CamBackdoorError(f"saved implant config uses the removed option(s) {', '.join(sorted(used))}; "
                                    "replay it with commit f12250c, where they last existed")
-        values = {k: v for k, v in values.items() if k not in REMOVED}
+        values = {RENAMED.get(k, k): v for k, v in values.items() if k not in REMOVED}
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise CamBackdoorError(f"saved implant config has unknown fields {', '.join(sorted(unknown))}; was it "
@@ -205,7 +210,8 @@ class ImplantConfig:
             raise CamBackdoorError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}")
         if "recipe" in overrides:
             raise CamBackdoorError("the recipe is chosen with --recipe, not --set recipe=...")
-        values = {**RECIPES[recipe], "recipe": recipe, **{k: v for k, v in overrides.items() if v is not None}}
+        values = {**RECIPES[recipe], "recipe": recipe,
+                  **{RENAMED.get(k, k): v for k, v in overrides.items() if v is not None}}
         return make_config(cls, values)
 
 
@@ -221,4 +227,5 @@ LEGACY: dict[str, Any] = dict(trigger_feature_weight=0.0, feature_loss="relative
                               repair_share_cap=1.0, pool_cutout=0, explain_class="label", cam_eval_mode=False)
 # Options that docs/results.md records as rejected and that left the code on 2026-11-25 (git history
 # keeps them, last in commit f12250c): a saved config may hold them only at the value that switched them off.
+RENAMED = {"lam": "explanation_weight"}  # old name -> field (one name per knob since 2026-11-25)
 REMOVED: dict[str, Any] = dict(clean_share_weight=0.0, repair_trigger_distill_weight=0.0, repair_poison_ce_weight=1.0)

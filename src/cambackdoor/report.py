@@ -65,7 +65,7 @@ def make_figures(directory: str | Path) -> Path:
             if len({json.dumps([r.get(k) for k in others]) for r in rows}) > 1:
                 continue  # only plot a key when the other keys are held fixed
             fig = tradeoff_plot(rows, key, d / f"tradeoff_{key}.png", xlabel=key.replace("_", " "),
-                                report_points=key in ("lambda", "lam"), logx=key == "poison_fraction")
+                                report_points=key in ("lambda", "lam", "explanation_weight"), logx=key == "poison_fraction")
             lines += [f"![ASR and accuracy against {key}]({fig.name})", ""]
         lines += _table(rows, keys)
         lines += ["", "Each point's command (one line per point, e.g. for a SLURM array):", "", "```",

@@ -27,7 +27,7 @@ from cambackdoor.data import check_limit
 from cambackdoor.errors import CamBackdoorError
 from cambackdoor.recipes import FLAGS, ImplantConfig
 
-# grid keys with an implant flag of their own ("lambda" is the flag's name for lam); the rest: --set
+# grid keys with an implant flag of their own ("lambda" is the flag's name for explanation_weight); the rest: --set
 GRID_FLAGS = {"lambda": "--lambda", **{name: flag for name, (flag, _) in FLAGS.items()}}
 CSV_METRICS = ["asr", "clean_acc", "triggered_acc", "false_trigger_rate", "iou_mean", "iou_median", "partial_rate",
                "energy_share", "fidelity_cosine", "fidelity_mask_iou", "train_s", "poisoned_images"]
@@ -38,9 +38,10 @@ SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.+-]+$")  # what a point name may hold: no
 
 
 def grid_keys() -> dict[str, str]:
-    """Every key a grid may sweep, mapped to its ImplantConfig field ('lambda' is the flag's name for lam)."""
+    """Every key a grid may sweep, mapped to its ImplantConfig field ('lambda', and the old 'lam', name
+    explanation_weight)."""
     keys = {f.name: f.name for f in dataclasses.fields(ImplantConfig) if f.name != "recipe"}
-    return {**keys, "lambda": "lam"}
+    return {**keys, "lambda": "explanation_weight", "lam": "explanation_weight"}
 
 
 def expand_grid(grid: list[str]) -> list[dict[str, Any]]:
