@@ -13,8 +13,6 @@ from cambackdoor.gradcam import minmax, upsample
 from cambackdoor.triggers import IMAGE_HW, Box
 
 SUCCESS_IOU = 0.5
-# (name, low, high): success is IoU > 0.5 (the ASR test); the other buckets are [low, high)
-BUCKETS = (("success", 0.5, None), ("partial", 0.2, 0.5), ("weak", 0.1, 0.2), ("failure", None, 0.1))
 
 
 def cam_masks(cams: torch.Tensor, image_hw: tuple[int, int] = IMAGE_HW, threshold: float = 0.5) -> torch.Tensor:
