@@ -61,6 +61,8 @@ def test_a_config_saved_before_the_redesign_still_loads():
     assert not old.has_repair_terms and old.explain_class == "label" and not old.cam_eval_mode
     with pytest.raises(CamBackdoorError, match="removed option.*repair_poison_ce_weight"):
         ImplantConfig.from_saved({**saved, "repair_poison_ce_weight": 0.5})  # a rejected option that was on
+    with pytest.raises(CamBackdoorError, match="rejected option.*f12250c"):
+        ImplantConfig.from_recipe("default", clean_share_weight=1.0)  # --set clean_share_weight=1
     with pytest.raises(CamBackdoorError, match="unknown fields"):
         ImplantConfig.from_saved({**saved, "warp_drive": 1})
 

@@ -210,6 +210,10 @@ class ImplantConfig:
             raise CamBackdoorError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}")
         if "recipe" in overrides:
             raise CamBackdoorError("the recipe is chosen with --recipe, not --set recipe=...")
+        removed = sorted(set(overrides) & set(REMOVED))
+        if removed:
+            raise CamBackdoorError(f"{', '.join(removed)} was a rejected option and left the code on 2026-11-25; "
+                                   "to rerun an experiment with it, check out commit f12250c")
         values = {**RECIPES[recipe], "recipe": recipe,
                   **{RENAMED.get(k, k): v for k, v in overrides.items() if v is not None}}
         return make_config(cls, values)
