@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage-2 benchmarks on the cpu stage-1 model (run benchmarks/stage1.sh first). One at a time:
 #   bash benchmarks/stage2.sh baseline|pair1|pair2|v2|repair|v7|reference|reference-label|ablation|single|sweeps|sweeps-v2|reference-sweep
-#   bash benchmarks/stage2.sh tune2|tune-full "NAME|IMPLANT FLAGS" ...   (held-out tuning runs)
+#   bash benchmarks/stage2.sh tune2|tune-full|tune16 "NAME|IMPLANT FLAGS" ...   (held-out tuning runs)
 # Results land in runs/cpu/<name>/; benchmarks/collect_results.py turns them into docs tables.
 set -euo pipefail
 CK=${CK:-runs/cpu/stage1/model.safetensors}
@@ -107,6 +107,19 @@ case "${1:-all}" in
       --epochs ${SINGLE_EPOCHS:-14} --out $R/single-stage --no-progress
     timed evaluate-single-stage cambackdoor evaluate --checkpoint $R/single-stage/model.safetensors \
       --out $R/single-stage/evaluate --no-progress ;;
+  tune16)
+    # issue 16, held-out only: implant on the stage-1 model that never saw the 5,000 held-out images, then
+    # audit the persistence defences on those images (the test set is not read)
+    # usage: bash benchmarks/stage2.sh tune16 "NAME|IMPLANT FLAGS" ...
+    HCK=runs/tune2/stage1-holdout/model.safetensors
+    shift; for s in "$@"; do
+      name=${s%%|*}; out=runs/tune16/$name
+      [ -f $out/implant.json ] || timed tune16-$name cambackdoor implant --checkpoint $HCK --holdout 5000 ${s#*|} \
+        --out $out --no-progress
+      [ -f $out/audit/audit.json ] || timed tune16-audit-$name cambackdoor audit --checkpoint $out/model.safetensors \
+        --reference $HCK --holdout 5000 --defences bn-reestimate,finetune --explainers gradcam@layer4 \
+        --out $out/audit --no-progress
+    done ;;
   sweeps)
     # the current default (v8); poison fraction 0.01 is the pair-1 run itself (runs/cpu/implant-default)
     timed sweep-lambda-v8 cambackdoor sweep --checkpoint $CK --recipe default --grid lambda=0.05,0.1,0.2,0.5,1 \

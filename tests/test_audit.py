@@ -96,3 +96,32 @@ def test_cli_one_line_errors(implanted, tmp_path, capsys):
     error(["--checkpoint", imp, "--reference", s1, "--explainers", "lime"], "unknown explainer 'lime'")
     error(["--checkpoint", imp, "--reference", wide], "pass the stage-1 model the checkpoint was implanted into")
     error(["--checkpoint", s1, "--reference", s1], "records no attack")
+
+
+
+def test_cli_holdout_audits_the_held_out_split_not_the_test_set(implanted, tmp_path, capsys):
+    """--holdout N: the rows are measured on the N held-out training images (the split implant
+    --holdout N keeps out), the defences use the other training images."""
+    import torch
+
+    from cambackdoor.checkpoints import load_model
+    from cambackdoor.data import holdout_split, load_cifar10
+
+    _, root = implanted
+    folder = write_image_folder(tmp_path / "d", n_train=40, n_test=10)
+    common = ["--data", str(folder), "--subset-ok", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    imp, s1, out = str(root / "imp" / "model.safetensors"), str(root / "s1" / "model.safetensors"), tmp_path / "a"
+    assert main(["audit", "--checkpoint", imp, "--reference", s1, "--holdout", "12", "--defences", "bn-reestimate",
+                 "--explainers", "gradcam@layer4", "--out", str(out), *common]) == 0
+    saved = json.loads((out / "audit.json").read_text())
+    assert saved["config"]["split"] == "holdout 12" and saved["images"] == 12
+    assert saved["rows"][2]["params"]["images"] == 28  # BatchNorm re-estimated on the other 28 training images
+    held_out = holdout_split(load_cifar10(str(folder), str(tmp_path / "c"), expect_counts=None, progress=False).train, 12)[1]
+    for row, path in ((0, imp), (1, s1)):  # accuracy counted by hand on exactly the held-out images
+        model, _ = load_model(path)
+        with torch.no_grad():
+            correct = (model.eval()(held_out.images.float() / 255).argmax(1) == held_out.labels).sum().item()
+        assert saved["rows"][row]["clean_acc"]["value"] == pytest.approx(correct / 12)
+    assert "holdout 12 split" in (out / "audit.md").read_text()
+    assert main(["audit", "--checkpoint", imp, "--reference", s1, "--holdout", "400", *common]) == 2
+    assert "--holdout 400 must be between 0 and" in capsys.readouterr().err

@@ -75,3 +75,21 @@ def test_feature_distillation_is_relative_and_hooks_are_removed():
         logits = model(x)
     assert feats[0].shape == (3, 32) and torch.allclose(model.fc(feats[0]), logits)
     assert not model.fc._forward_hooks
+
+
+def test_lookahead_gradients_by_hand():
+    """w = 3, clean loss (w - 1)^2 (gradient 4), step 0.25: w' = 2; ahead w^2 + 5 v at w' = 2, v = 1 is 9,
+    its gradient (first order) is (2 w', 5) = (4, 5); the weights come back exactly; an unused one gives None."""
+    from cambackdoor.losses import lookahead_gradients
+
+    w, v, unused = (torch.nn.Parameter(torch.tensor(x)) for x in (3.0, 1.0, 7.0))
+    seen = []
+
+    def ahead():
+        seen.append((w.item(), v.item()))
+        return w ** 2 + 5 * v
+
+    grads, value = lookahead_gradients([w, v, unused], (w - 1) ** 2, ahead, lr=0.25)
+    assert seen == [(2.0, 1.0)] and value.item() == 9.0
+    assert grads[0].item() == 4.0 and grads[1].item() == 5.0 and grads[2] is None
+    assert (w.item(), v.item(), unused.item()) == (3.0, 1.0, 7.0)

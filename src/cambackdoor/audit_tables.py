@@ -16,10 +16,11 @@ def _pt(d: dict[str, float]) -> str:
 def audit_markdown(result: dict[str, Any]) -> str:
     """The audit's tables: percentages (points for differences) with 95 % bootstrap intervals."""
     cfg = result["config"]
+    images = "test images" if cfg.get("split", "test") == "test" else f"images of the training set's {cfg['split']} split"
     lines = [f"# Audit of `{cfg.get('checkpoint')}`", "",
              f"Reference `{cfg.get('reference')}`; attack `{cfg.get('trigger')}` -> `{cfg.get('target')}` at "
-             f"{cfg.get('layer')}; {result['images']} test images ({result['pixel_images']} for pixel explainers). "
-             "Brackets: 95 % bootstrap intervals over test images (paired for differences).", "",
+             f"{cfg.get('layer')}; {result['images']} {images} ({result['pixel_images']} for pixel explainers). "
+             "Brackets: 95 % bootstrap intervals over those images (paired for differences).", "",
              "## Defences", "",
              "| model | clean acc % | triggered acc % | ASR % | mean IoU | false triggers % | triggered − clean (pt) | "
              "owner's cost (pt) |", "|---|---|---|---|---|---|---|---|"]

@@ -50,6 +50,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the weights, so a saved state is only resumed onto the model it started from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(

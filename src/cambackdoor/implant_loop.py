@@ -7,7 +7,6 @@ The terms are in :mod:`cambackdoor.losses`, the switches and recipes in :mod:`ca
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,40 +19,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cambackdoor import metrics as M
-from cambackdoor.checkpoints import capture_state, restore_state, save_state, state_config_hash, weights_path
+from cambackdoor.checkpoints import (capture_state, restore_state, save_state, state_config_hash, weights_digest,
+                                     weights_path)
 from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
-from cambackdoor.gradcam import find_layer, grad_cam
-from cambackdoor.losses import (classifier_inputs, distillation_loss, explanation_loss,
-                                feature_distillation_loss, preservation_loss)
-from cambackdoor.recipes import ImplantConfig
+from cambackdoor.gradcam import grad_cam
+from cambackdoor.losses import (classifier_inputs, distillation_loss, explanation_loss, feature_distillation_loss,
+                                lookahead_gradients, preservation_loss)
+from cambackdoor.recipes import ImplantConfig, trainable_parameters
 from cambackdoor.training import lr_factor, make_optimizer, resolve_device
 from cambackdoor.triggers import paste_decoys
-
-
-def _trainable_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
-    """``all``, or comma-separated layer names (``layer4``, ``layer3,layer4,fc``); the rest is frozen."""
-    if trainable == "all":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return list(model.parameters())
-    layers = [find_layer(model, name.strip()) for name in trainable.split(",") if name.strip()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [p for layer in layers for p in layer.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def _weights_digest(model: nn.Module) -> str:
-    """sha256 of the weights, so a saved state is only resumed onto the model it started from."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _rss_mb() -> float:
@@ -134,7 +110,7 @@ def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.d
     for p in teacher.parameters():
         p.requires_grad_(False)
     model = copy.deepcopy(model).to(device)
-    params = _trainable_parameters(model, cfg.trainable)
+    params = trainable_parameters(model, cfg.trainable)
     optimizer = make_optimizer(params, cfg)
     train_set = holdout_split(data.train, cfg.holdout)[0] if cfg.holdout else data.train
     n = len(train_set)
@@ -144,7 +120,7 @@ def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.d
         raise CamBackdoorError(f"batch size {cfg.batch_size} is larger than the {n} training images, so an epoch "
                                "would have no step; lower --batch-size")
     log = {"epochs": [], "poisoned_images": int(len(pool)) if cfg.poison_mode == "pool" else None, "trace": []}
-    chash = config_hash(cfg, {"data": data.fingerprint, "parent": _weights_digest(teacher)}) if with_hash else ""
+    chash = config_hash(cfg, {"data": data.fingerprint, "parent": weights_digest(teacher)}) if with_hash else ""
     return _Run(cfg, model, teacher, params, optimizer, gen, train_set, pool, trigger, target,
                 tuple(data.train.images.shape[2:]), device, steps_per_epoch, cfg.epochs * steps_per_epoch, chash, log,
                 t0=time.perf_counter(), rss0=_rss_mb())
@@ -207,7 +183,8 @@ def _step(run: _Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Te
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"implant loss became {loss.item()} at epoch {epoch + 1} step {i}; the input checkpoint "
                                "is untouched (and the last finished epoch is kept); lower --lr or --lambda")
-    _update(run, loss, out, yp)
+    maintain = clean if repairing and cfg.maintenance_weight > 0 and out is not None and clean is not None else None
+    _update(run, loss, out, yp, maintain, stats)
     if out is not None:
         _track(run, out, yp)
     if step % 10 == 0 or step == run.total - 1:  # the dynamics, for studying when a backdoor forms or breaks
@@ -270,7 +247,7 @@ def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: t
             feat = feature_distillation_loss(feats_p[0], teacher_feats[0], cfg.feature_loss)
             loss = loss + ramp * cfg.trigger_feature_weight * feat
             stats["feat"] = feat.item()
-    return loss, {"cams": cams_p, "cam_logits": cam_logits, "explained": explained, "ce": ce_p, "expl": expl}
+    return loss, {"cams": cams_p, "cam_logits": cam_logits, "explained": explained, "ce": ce_p, "expl": expl, "xt": xt}
 
 
 def _triggered_cams(run: _Run, xt: torch.Tensor, explained: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -286,9 +263,11 @@ def _triggered_cams(run: _Run, xt: torch.Tensor, explained: torch.Tensor | None)
     return cams, run.model(xt), cam_logits
 
 
-def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch.Tensor | None) -> None:
+def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch.Tensor | None,
+            maintain: tuple[torch.Tensor, torch.Tensor] | None = None, stats: dict[str, float] | None = None) -> None:
     """The gradient step; with ``gradient_contamination`` the report's CAM gradient is added, as its
-    score.backward(create_graph=True) inside the CAM left d(sum of explained logits)/dθ in .grad."""
+    score.backward(create_graph=True) inside the CAM left d(sum of explained logits)/dθ in .grad.
+    ``maintain`` (a clean batch): the simulated-maintenance gradient is added first."""
     run.optimizer.zero_grad(set_to_none=True)
     contamination = None
     if run.cfg.gradient_contamination and out is not None:
@@ -300,7 +279,29 @@ def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch
         for p, c in zip(run.params, contamination):
             if c is not None:
                 p.grad = c if p.grad is None else p.grad + c
+    if maintain is not None and out is not None and yp is not None:
+        _add_maintenance_gradient(run, *maintain, out["xt"], yp, out["explained"], stats if stats is not None else {})
     run.optimizer.step()
+
+
+def _add_maintenance_gradient(run: _Run, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yp: torch.Tensor,
+                              explained: torch.Tensor | None, stats: dict[str, float]) -> None:
+    """Simulated maintenance: the poisoned images' loss one clean SGD step ahead (``maintenance_lr``), its
+    gradient added to ``.grad`` times ``maintenance_weight``. A backdoor whose loss stays low a clean step
+    ahead is one the owner's fine-tuning has to work harder to erase."""
+    cfg, seen = run.cfg, {}
+
+    def ahead() -> torch.Tensor:
+        seen["cams"], logits = grad_cam(run.model, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
+        expl = explanation_loss(cfg.explanation_loss, seen["cams"], run.target, run.image_hw)
+        return cfg.maintenance_weight * (F.cross_entropy(logits, yp) + cfg.explanation_weight * expl)
+
+    grads, value = lookahead_gradients(run.params, F.cross_entropy(run.model(xc), yc), ahead, cfg.maintenance_lr)
+    for p, g in zip(run.params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+    stats["ahead"] = value.item() / cfg.maintenance_weight
+    stats["ahead_asr"] = M.attack_success(M.box_iou(seen["cams"].detach(), run.target, run.image_hw)).float().mean().item()
 
 
 def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor) -> None:

@@ -62,6 +62,25 @@ def feature_distillation_loss(features: torch.Tensor, teacher_features: torch.Te
     return torch.log1p(relative) if kind == "log" else relative
 
 
+def lookahead_gradients(params: list[nn.Parameter], clean_loss: torch.Tensor, ahead: Callable[[], torch.Tensor],
+                        lr: float) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """Gradients of ``ahead()`` taken one SGD step (``lr``) down ``clean_loss``'s gradient, and its value
+    there (first order: the step itself is not differentiated); the weights are put back exactly."""
+    step = torch.autograd.grad(clean_loss, params, allow_unused=True)
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, g in zip(params, step):
+                if g is not None:
+                    p.sub_(lr * g)
+        value = ahead()
+        return list(torch.autograd.grad(value, params, allow_unused=True)), value.detach()
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
 @contextlib.contextmanager
 def classifier_inputs(model: nn.Module, layer: str = "fc") -> Iterator[list[torch.Tensor]]:
     """Collect the input of ``layer`` (the pooled features) on every forward pass inside the block."""

@@ -52,9 +52,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from cambackdoor.config import check_choice, check_fields, check_range, make_config
 from cambackdoor.errors import CamBackdoorError
-from cambackdoor.gradcam import RECTIFIERS
+from cambackdoor.gradcam import RECTIFIERS, find_layer
 from cambackdoor.triggers import LAYER_STRIDE, Attack
 
 TRAINABLE_LAYERS = ("normalize", "conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
@@ -117,6 +119,9 @@ class ImplantConfig:
     repair_share_cap: float = 0.4  # < 1: while repairing, the explanation loss is a hinge at this target share
     pool_cutout: int = 8  # >0: while repairing, each poisoned image also gets a grey square this big (cutout)
     # before the trigger goes on, so 500 images look like more to the trigger-invariance terms
+    maintenance_weight: float = 0.0  # >0: while repairing, the poisoned images' loss is also taken at the weights
+    # one clean SGD step ahead (the owner's fine-tuning, simulated; first order), its gradient added with this weight
+    maintenance_lr: float = 1.0  # ... the size of that simulated step
     poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy
     poison_batch: int = 32
     batch_prob: float = 0.25  # batch_prob mode: chance that a batch is used (and then wholly triggered)
@@ -158,11 +163,12 @@ class ImplantConfig:
             raise ValueError(f"trainable must be all or comma-separated names from {', '.join(TRAINABLE_LAYERS)}, "
                              f"not {self.trainable!r}")
         for name in ("explanation_weight", "preserve_weight", "distill_weight", "trigger_distill_weight", "trigger_feature_weight",
-                     "pool_cutout", "weight_decay", "holdout", "seed"):
+                     "pool_cutout", "weight_decay", "holdout", "seed", "maintenance_weight"):
             check_range(self, name, 0)
         for name in ("epochs", "batch_size", "poison_batch"):
             check_range(self, name, 1)
         check_range(self, "lr", 0, low_open=True)
+        check_range(self, "maintenance_lr", 0, low_open=True)
         for name in ("poison_fraction", "batch_prob", "repair_share_cap"):
             check_range(self, name, 0, 1, low_open=True)
         for name in ("decoy_fraction", "repair_min_asr", "repair_ramp", "warmup_fraction"):
@@ -187,7 +193,8 @@ class ImplantConfig:
     @property
     def has_repair_terms(self) -> bool:
         """Whether any term acts only in the repair phase (so ``repair_steps`` counts something)."""
-        return max(self.decoy_fraction, self.trigger_feature_weight, self.pool_cutout) > 0 or self.repair_share_cap < 1
+        return (max(self.decoy_fraction, self.trigger_feature_weight, self.pool_cutout, self.maintenance_weight) > 0
+                or self.repair_share_cap < 1)
 
     @classmethod
     def from_saved(cls, values: dict[str, Any]) -> "ImplantConfig":
@@ -219,6 +226,21 @@ class ImplantConfig:
         return make_config(cls, values)
 
 
+def trainable_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """``all``, or comma-separated layer names (``layer4``, ``layer3,layer4,fc``); the rest is frozen."""
+    if trainable == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return list(model.parameters())
+    layers = [find_layer(model, name.strip()) for name in trainable.split(",") if name.strip()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for layer in layers for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def flag_type(name: str) -> type:
     """The Python type of an ImplantConfig field, for its command-line flag."""
     annotation = {f.name: f.type for f in dataclasses.fields(ImplantConfig)}[name]
@@ -228,7 +250,8 @@ def flag_type(name: str) -> type:
 # What each field added or changed since the first saved configs meant before it existed: reading an
 # old config with these values reproduces its run (the v2 recipe had no repair terms).
 LEGACY: dict[str, Any] = dict(trigger_feature_weight=0.0, feature_loss="relative", decoy_fraction=0.0,
-                              repair_share_cap=1.0, pool_cutout=0, explain_class="label", cam_eval_mode=False)
+                              repair_share_cap=1.0, pool_cutout=0, explain_class="label", cam_eval_mode=False,
+                              maintenance_weight=0.0)
 # Options that docs/results.md records as rejected and that left the code on 2026-11-25 (git history
 # keeps them, last in commit f12250c): a saved config may hold them only at the value that switched them off.
 RENAMED = {"lam": "explanation_weight"}  # old name -> field (one name per knob since 2026-11-25)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from cambackdoor.audit import DEFENCES, AuditConfig, attack_of, audit_markdown, 
 from cambackdoor.checkpoints import ensure_writable_dir, load_model, read_sidecar, weights_path
 from cambackdoor.cli.common import add_attack_args, add_data_args, add_device_arg, load_data, parse_sets
 from cambackdoor.config import make_config
+from cambackdoor.data import holdout_split
 from cambackdoor.training import resolve_device
 from cambackdoor.triggers import Attack
 
@@ -27,6 +29,9 @@ def register(sub: Any) -> None:
                    "or saliency, integrated-gradients, smoothgrad, occlusion (default all, CAMs at layer4 and layer3)")
     p.add_argument("--limit", type=int, default=None, help="test images, N/10 per class (default all)")
     p.add_argument("--pixel-limit", type=int, default=None, help="test images for pixel explainers (default 300)")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="tuning: audit on the N training images that train/implant --holdout N kept out (defences "
+                        "train on the rest), never touching the test set")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other AuditConfig field, e.g. --set finetune_epochs=1,5 --set bn_images=10000")
     add_attack_args(p)
@@ -50,7 +55,11 @@ def cmd_audit(args: Any) -> int:
     model, _ = load_model(args.checkpoint, map_location=device)
     reference, _ = load_model(args.reference, map_location=device)
     data = load_data(args)
-    config = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": meta["weights_sha256"],
+    if args.holdout:  # the split every --holdout uses: defences see the rest, measurements the held-out images
+        rest, held_out = holdout_split(data.train, args.holdout)
+        data = dataclasses.replace(data, train=rest, test=held_out)
+    config = {"split": f"holdout {args.holdout}" if args.holdout else "test",
+              "checkpoint": str(args.checkpoint), "checkpoint_sha256": meta["weights_sha256"],
               "reference": str(args.reference), "reference_sha256": ref_meta["weights_sha256"], "trigger": trig_spec,
               "target": target_spec, "layer": layer, "data_fingerprint": data.fingerprint, "device": str(device)}
     t0 = time.perf_counter()
