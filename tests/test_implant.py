@@ -274,7 +274,9 @@ def test_implant_batch_larger_than_the_data_is_refused_before_training(clean_che
 
 
 def test_maintenance_gradient_is_the_poisoned_loss_gradient_one_clean_step_ahead(clean_checkpoint):
-    """Checked against the same look-ahead done by hand on a separate copy; the weights come back exact."""
+    """Checked against the same look-ahead done by hand on a separate copy (the clean step with BatchNorm on
+    batch statistics, as the owner's fine-tuning; the poisoned loss in the run's own mode); the weights and
+    BatchNorm statistics come back exact."""
     import copy
 
     import torch.nn.functional as F
@@ -296,9 +298,10 @@ def test_maintenance_gradient_is_the_poisoned_loss_gradient_one_clean_step_ahead
     implant_loop._add_maintenance_gradient(run, xc, yc, xt, yp, yp, stats)
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
 
-    ahead = copy.deepcopy(run.model)
+    assert not run.model.training  # the owner's step used batch statistics, then the mode came back
+    owner, ahead = copy.deepcopy(run.model).train(), copy.deepcopy(run.model)  # the owner: batch statistics
+    grads = torch.autograd.grad(F.cross_entropy(owner(xc), yc), list(owner.parameters()))
     params = list(ahead.parameters())
-    grads = torch.autograd.grad(F.cross_entropy(ahead(xc), yc), params)
     with torch.no_grad():
         for p, g in zip(params, grads):
             p -= 0.5 * g
