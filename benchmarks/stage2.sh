@@ -114,8 +114,9 @@ case "${1:-all}" in
     HCK=runs/tune2/stage1-holdout/model.safetensors
     shift; for s in "$@"; do
       name=${s%%|*}; out=runs/tune16/$name
+      # FORK=path/to/state.safetensors: go on from that run's saved epoch (configs that share it)
       [ -f $out/implant.json ] || timed tune16-$name cambackdoor implant --checkpoint $HCK --holdout 5000 ${s#*|} \
-        --out $out --no-progress
+        ${FORK:+--branch-from $FORK} --out $out --no-progress
       [ -f $out/audit/audit.json ] || timed tune16-audit-$name cambackdoor audit --checkpoint $out/model.safetensors \
         --reference $HCK --holdout 5000 --defences bn-reestimate,finetune --explainers gradcam@layer4 \
         --out $out/audit --no-progress

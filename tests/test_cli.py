@@ -132,12 +132,31 @@ def data_args(tmp_path_factory):
     (["--limit=-5"], "--limit -5 must be a positive"),
     (["--limit", "25"], "use 20 or 30"),
     (["--device", "tpu"], "unknown device"),
+    (["--branch-from", "nowhere/state.safetensors"], "--branch-from nowhere/state.safetensors not found"),
 ])
 def test_implant_refuses_bad_input_before_any_work(trained, data_args, tmp_path, capsys, args, pattern):
     _, _, out = trained
     cli_error(capsys, ["implant", "--checkpoint", out / "model.safetensors", "--out", tmp_path / "imp", *args,
                        *data_args], pattern)
     assert not (tmp_path / "imp" / "model.safetensors").exists()
+
+
+def test_implant_branches_from_another_runs_saved_epoch(trained, data_args, tmp_path, capsys):
+    """--branch-from: a one-epoch run's state is the fork; a two-epoch config goes on from its epoch 1."""
+    _, _, out = trained
+    common = ["--checkpoint", out / "model.safetensors", "--batch-size", "20", "--set", "poison_batch=4",
+              "--set", "repair_start=0.5", "--set", "repair_min_asr=0", *data_args]
+    assert main([str(a) for a in ["implant", "--out", tmp_path / "fork", "--epochs", "1", *common]]) == 0
+    fork = json.loads((tmp_path / "fork" / "implant.json").read_text())["implant"]
+    assert main([str(a) for a in ["implant", "--out", tmp_path / "b", "--epochs", "2", "--branch-from",
+                                  tmp_path / "fork" / "state.safetensors", "--set", "maintenance_weight=1", *common]]) == 0
+    log = json.loads((tmp_path / "b" / "implant.json").read_text())["implant"]
+    assert log["branched_from"]["epoch"] == 1 and len(log["epochs"]) == 2
+    assert log["epochs"][0] == fork["epochs"][0]  # epoch 1 is the fork's, not trained again
+    assert log["epochs"][1]["repair_steps"] > 0  # and the branch's change acted in epoch 2
+    capsys.readouterr()
+    cli_error(capsys, ["implant", "--out", tmp_path / "c", "--resume", "--branch-from",
+                       tmp_path / "fork" / "state.safetensors", *common], "use --resume alone")
 
 
 @pytest.mark.parametrize("args,pattern", [

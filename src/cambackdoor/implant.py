@@ -46,12 +46,14 @@ def run_implant(
     stop_after: int | None = None,
     overwrite: bool = False,
     device: torch.device | str | None = None,
+    branch: bool = False,
 ) -> dict[str, Any]:
     """Implant, save the checkpoint (attack config in its sidecar) and evaluate it; returns the result.
 
     ``out/state`` keeps the training state after every epoch, so ``resume`` continues an interrupted
     run; a folder that holds a run needs ``resume`` or ``overwrite`` (with both, another config's
-    state is started over). ``stop_after`` N epochs returns ``{"stopped_after": N}`` without evaluating."""
+    state is started over). ``stop_after`` N epochs returns ``{"stopped_after": N}`` without evaluating.
+    ``branch`` (with ``resume``): the state in ``out`` may come from another config (a fork point)."""
     trigger, target = cfg.attack.trigger, cfg.attack.target
     check_limit(limit, len(data.classes))  # before training, not after it
     device = resolve_device(device)
@@ -72,7 +74,8 @@ def run_implant(
         save_model(out / "model", model, {**base_meta, "metrics": {"partial": True, **entry}})
 
     model, log = implant(clean, data, cfg, progress=progress, on_epoch=save_epoch, state_file=out / "state",
-                         resume=resume, stop_after=stop_after, device=device, restart_other=overwrite)
+                         resume=resume, stop_after=stop_after, device=device, restart_other=overwrite,
+                         branch=branch)
     if stop_after is not None and stop_after < cfg.epochs:
         return {"stopped_after": stop_after, "implant": log}
     clean.eval()

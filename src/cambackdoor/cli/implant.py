@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from cambackdoor.checkpoints import claim_run_dir, read_sidecar, weights_path
 from cambackdoor.cli.common import add_attack_args, add_data_args, add_device_arg, load_data, parse_sets
 from cambackdoor.data import check_limit
+from cambackdoor.errors import CamBackdoorError
 from cambackdoor.implant import STATE_MARKERS, run_implant
 from cambackdoor.recipes import FLAGS, RECIPES, ImplantConfig, flag_type
 from cambackdoor.training import resolve_device
@@ -28,6 +30,9 @@ def register(sub: Any) -> None:
                    help="evaluate on a fixed subset of N images, N/10 of each class (N a multiple of 10)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last epoch")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
+    p.add_argument("--branch-from", default=None, metavar="STATE",
+                   help="start from another run's saved epoch (its state.safetensors, e.g. copied after epoch 1) "
+                        "and go on with this config: a change made mid-run, without training the shared epochs again")
     add_device_arg(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other ImplantConfig field, e.g. --set freeze_bn=false (repeatable)")
@@ -44,9 +49,19 @@ def cmd_implant(args: argparse.Namespace) -> int:
     check_limit(args.limit)
     claim_run_dir(out, STATE_MARKERS, args.resume, args.overwrite)  # before the data is loaded
     resolve_device(args.device)
+    if args.branch_from is not None:
+        fork = weights_path(args.branch_from)
+        if not fork.is_file():
+            raise CamBackdoorError(f"--branch-from {fork} not found; pass a run's state.safetensors")
+        if args.resume:
+            raise CamBackdoorError("--branch-from starts a run; to continue a branched run, use --resume alone")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(fork, out / "state.safetensors.tmp")
+        (out / "state.safetensors.tmp").replace(out / "state.safetensors")
     data = load_data(args)
     result = run_implant(args.checkpoint, data, cfg, out, progress=not args.no_progress, limit=args.limit,
-                         resume=args.resume, overwrite=args.overwrite, device=args.device)
+                         resume=args.resume or args.branch_from is not None, overwrite=args.overwrite,
+                         device=args.device, branch=args.branch_from is not None)
     ev = result["evaluation"]
     print(json.dumps({"out": str(out), "asr": ev["asr"], "clean_acc": ev["clean_acc"],
                       "triggered_acc": ev["triggered_acc"], "false_trigger_rate": ev["false_trigger_rate"],
