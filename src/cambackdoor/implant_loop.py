@@ -26,7 +26,7 @@ from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_cro
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
 from cambackdoor.losses import (classifier_inputs, distillation_loss, explanation_loss, feature_distillation_loss,
-                                lookahead_gradients, preservation_loss)
+                                lookahead_gradients, owner_clean_loss, preservation_loss)
 from cambackdoor.recipes import ImplantConfig, trainable_parameters
 from cambackdoor.training import lr_factor, make_optimizer, resolve_device
 from cambackdoor.triggers import paste_decoys
@@ -297,31 +297,12 @@ def _add_maintenance_gradient(run: _Run, xc: torch.Tensor, yc: torch.Tensor, xt:
         expl = explanation_loss(cfg.explanation_loss, seen["cams"], run.target, run.image_hw)
         return cfg.maintenance_weight * (F.cross_entropy(logits, yp) + cfg.explanation_weight * expl)
 
-    grads, value = lookahead_gradients(run.params, _owner_clean_loss(run.model, xc, yc), ahead, cfg.maintenance_lr)
+    grads, value = lookahead_gradients(run.params, owner_clean_loss(run.model, xc, yc), ahead, cfg.maintenance_lr)
     for p, g in zip(run.params, grads):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
     stats["ahead"] = value.item() / cfg.maintenance_weight
     stats["ahead_asr"] = M.attack_success(M.box_iou(seen["cams"].detach(), run.target, run.image_hw)).float().mean().item()
-
-
-def _owner_clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Clean cross-entropy as the owner's fine-tuning computes it, BatchNorm in training mode (an explicit
-    switch, undone at once). BatchNorm updates copies of its running statistics, which are then dropped, so
-    a frozen BatchNorm stays frozen (copying back in place would break the graph, which saved them)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    kept = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in layers]
-    was_training = model.training
-    for m in layers:
-        m.running_mean, m.running_var, m.num_batches_tracked = (t.clone() if t is not None else None for t in
-                                                                (m.running_mean, m.running_var, m.num_batches_tracked))
-    model.train()
-    try:
-        return F.cross_entropy(model(x), y)
-    finally:
-        model.train(was_training)
-        for m, (mean, var, count) in zip(layers, kept):
-            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
 
 
 def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor) -> None:
