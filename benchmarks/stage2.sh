@@ -111,7 +111,7 @@ case "${1:-all}" in
     # issue 16, held-out only: implant on the stage-1 model that never saw the 5,000 held-out images, then
     # audit the persistence defences on those images (the test set is not read)
     # usage: bash benchmarks/stage2.sh tune16 "NAME|IMPLANT FLAGS" ...
-    HCK=runs/tune2/stage1-holdout/model.safetensors
+    HCK=${HCK:-benchmarks/models/stage1-holdout/model.safetensors}  # kept in the repository (its README)
     shift; for s in "$@"; do
       name=${s%%|*}; out=runs/tune16/$name
       # FORK=path/to/state.safetensors: go on from that run's saved epoch (configs that share it)
