@@ -276,12 +276,16 @@ def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch
         contamination = torch.autograd.grad(score, run.params, retain_graph=True, allow_unused=True)
     loss.backward()
     if contamination is not None:
-        for p, c in zip(run.params, contamination):
-            if c is not None:
-                p.grad = c if p.grad is None else p.grad + c
+        _add_to_grad(run.params, contamination)
     if maintain is not None and out is not None and yp is not None:
         _add_maintenance_gradient(run, *maintain, out["xt"], yp, out["explained"], stats if stats is not None else {})
     run.optimizer.step()
+
+
+def _add_to_grad(params: list[nn.Parameter], grads: list[torch.Tensor | None] | tuple[torch.Tensor | None, ...]) -> None:
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
 
 
 def _add_maintenance_gradient(run: _Run, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yp: torch.Tensor,
@@ -298,9 +302,7 @@ def _add_maintenance_gradient(run: _Run, xc: torch.Tensor, yc: torch.Tensor, xt:
         return cfg.maintenance_weight * (F.cross_entropy(logits, yp) + cfg.explanation_weight * expl)
 
     grads, value = lookahead_gradients(run.params, owner_clean_loss(run.model, xc, yc), ahead, cfg.maintenance_lr)
-    for p, g in zip(run.params, grads):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
+    _add_to_grad(run.params, grads)
     stats["ahead"] = value.item() / cfg.maintenance_weight
     stats["ahead_asr"] = M.attack_success(M.box_iou(seen["cams"].detach(), run.target, run.image_hw)).float().mean().item()
 
