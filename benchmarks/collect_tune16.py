@@ -16,8 +16,9 @@ def pct(ci: dict | None) -> str:
 
 def main(root: Path) -> None:
     print("| run | stage-2 s | clean % | clean drop pt [95 %] | triggered − clean pt | ASR % | false triggers % | "
-          "fidelity | ASR after BN re-est. % | ASR after 1 FT epoch % | clean after FT % |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "fidelity | ASR after BN re-est. % | triggered acc after BN re-est. % | ASR after 1 FT epoch % | "
+          "clean after FT % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in sorted(p for p in root.iterdir() if (p / "implant.json").exists()):
         imp = json.loads((run / "implant.json").read_text())
         ev, log = imp["evaluation"], imp["implant"]
@@ -30,7 +31,8 @@ def main(root: Path) -> None:
               + (f"{100 * drop['diff']:+.2f} [{100 * drop['lo']:+.2f}, {100 * drop['hi']:+.2f}]" if drop else "-")
               + " | " + ("-" if gap is None else f"{100 * gap['diff']:+.2f}") + f" | {100 * ev['asr']:.2f} | "
               f"{100 * ev['false_trigger_rate']:.2f} | {ev.get('fidelity_cosine', float('nan')):.3f} | "
-              f"{pct(rows.get('bn-reestimate', {}).get('asr'))} | {pct(rows.get('finetune-1', {}).get('asr'))} | "
+              f"{pct(rows.get('bn-reestimate', {}).get('asr'))} | {pct(rows.get('bn-reestimate', {}).get('triggered_acc'))} | "
+              f"{pct(rows.get('finetune-1', {}).get('asr'))} | "
               f"{pct(rows.get('finetune-1', {}).get('clean_acc'))} |")
 
 

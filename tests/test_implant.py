@@ -335,3 +335,32 @@ def test_maintenance_acts_only_while_repairing_and_is_validated(clean_checkpoint
     for bad in (dict(maintenance_weight=-1.0), dict(maintenance_lr=0.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             I.ImplantConfig(**bad)
+
+
+def test_clean_bn_stats_puts_only_the_clean_batch_into_the_running_statistics(clean_checkpoint):
+    """``train``: the clean batch (100 images) runs BatchNorm in training mode and the running statistics
+    move; ``refresh``: one extra no-grad training-mode pass of the clean batch moves them, every loss stays
+    in eval mode; the poisoned batch (the tiny pool's few images) never enters. ``off``: frozen throughout."""
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    def run(mode: str):
+        clean, _ = load_model(ck)
+        seen: list[tuple[bool, bool, int]] = []
+        clean.bn1.register_forward_pre_hook(
+            lambda m, inputs: seen.append((m.training, torch.is_grad_enabled(), len(inputs[0]))))
+        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, clean_bn_stats=mode)
+        model, _ = I.implant(clean, data, cfg, progress=False)
+        return clean, model, seen
+
+    for mode, grad in (("train", True), ("refresh", False)):
+        clean, model, seen = run(mode)
+        assert {(g, n) for training, g, n in seen if training} == {(grad, 100)}, mode
+        assert any(not training and n < 100 for training, _, n in seen)  # the poisoned batch, in eval mode
+        assert not torch.allclose(model.bn1.running_mean, clean.bn1.running_mean)
+        assert not model.training  # returned in eval mode
+    clean, model, seen = run("off")
+    assert not any(training for training, _, _ in seen)
+    assert torch.equal(model.bn1.running_mean, clean.bn1.running_mean)
+    with pytest.raises(ValueError, match="clean_bn_stats"):
+        I.ImplantConfig(clean_bn_stats="on")

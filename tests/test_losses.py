@@ -110,3 +110,20 @@ def test_owner_clean_loss_uses_batch_statistics_and_leaves_the_model_as_it_was()
     assert abs(loss.item() - torch.nn.functional.cross_entropy(model(x), y).item()) > 0.01
     assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.autograd.grad(loss, model[0].weight)[0].abs().sum() > 0  # the graph survived the restore
+
+
+def test_refresh_batchnorm_moves_the_running_statistics_by_hand_and_restores_the_mode():
+    """One pass, momentum 0.1: running mean 0.9 * old + 0.1 * batch mean; unbiased variance likewise."""
+    from cambackdoor.losses import batchnorm_training, refresh_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2)).eval()
+    x = torch.tensor([[1.0, 4.0], [3.0, 8.0]])
+    refresh_batchnorm(model, x)
+    assert torch.allclose(model[0].running_mean, torch.tensor([0.2, 0.6]))  # 0.1 * (2, 6)
+    assert torch.allclose(model[0].running_var, torch.tensor([0.9 + 0.1 * 2.0, 0.9 + 0.1 * 8.0]))
+    assert not model.training
+    with batchnorm_training(model, on=False):
+        assert not model.training
+    model.train()
+    with batchnorm_training(model, on=False):  # never switches a training model to eval
+        assert model.training

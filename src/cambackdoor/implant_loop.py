@@ -25,8 +25,9 @@ from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
-from cambackdoor.losses import (classifier_inputs, distillation_loss, explanation_loss, feature_distillation_loss,
-                                lookahead_gradients, owner_clean_loss, preservation_loss)
+from cambackdoor.losses import (batchnorm_training, classifier_inputs, distillation_loss, explanation_loss,
+                                feature_distillation_loss, lookahead_gradients, owner_clean_loss, preservation_loss,
+                                refresh_batchnorm)
 from cambackdoor.recipes import ImplantConfig, trainable_parameters
 from cambackdoor.training import lr_factor, make_optimizer, resolve_device
 from cambackdoor.triggers import paste_decoys
@@ -211,14 +212,17 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
     n_decoys = round(ramp * cfg.decoy_fraction * len(yc)) if repairing else 0
     if n_decoys:  # the batch is shuffled, so its first images are a random subset
         xc = torch.cat([paste_decoys(xc[:n_decoys], run.trigger, run.gen), xc[n_decoys:]])
+    if cfg.clean_bn_stats == "refresh":  # (the clean batch comes first: the statistics change before any use)
+        refresh_batchnorm(run.model, xc)
+    with batchnorm_training(run.model, cfg.clean_bn_stats == "train"):
+        cams_c, logits_c = (grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
+                            if cfg.preserve_weight > 0 else (None, run.model(xc)))
     if cfg.preserve_weight > 0:
-        cams_c, logits_c = grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
         ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
         pres = preservation_loss(cams_c, ref_cams)
         loss = loss + cfg.preserve_weight * pres
         stats["pres"] = pres.item()
     else:
-        logits_c = run.model(xc)
         with torch.no_grad():
             teacher_c = run.teacher(xc)
     return loss + F.cross_entropy(logits_c, yc) + cfg.distill_weight * distillation_loss(logits_c, teacher_c)

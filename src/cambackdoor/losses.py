@@ -102,6 +102,25 @@ def owner_clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 
 
 @contextlib.contextmanager
+def batchnorm_training(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Inside the block the model runs in training mode (BatchNorm on batch statistics, updating its running
+    statistics in place) when ``on``; its mode is restored on the way out (an explicit switch, undone at once)."""
+    was_training = model.training
+    model.train(on or was_training)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+    """One no-grad training-mode pass of ``x``: BatchNorm's running statistics move towards its statistics."""
+    with batchnorm_training(model):
+        model(x)
+
+
+@contextlib.contextmanager
 def classifier_inputs(model: nn.Module, layer: str = "fc") -> Iterator[list[torch.Tensor]]:
     """Collect the input of ``layer`` (the pooled features) on every forward pass inside the block."""
     captured: list[torch.Tensor] = []

@@ -122,6 +122,11 @@ class ImplantConfig:
     maintenance_weight: float = 0.0  # >0: while repairing, the poisoned images' loss is also taken at the weights
     # one clean SGD step ahead (the owner's fine-tuning, simulated; first order), its gradient added with this weight
     maintenance_lr: float = 1.0  # ... the size of that simulated step
+    clean_bn_stats: str = "off"  # off: BatchNorm keeps stage 1's running statistics, which go stale as the weights
+    # move (a backdoor then leans on the stale values, and BN re-estimation or the owner's fine-tuning deflates it);
+    # train: the clean batch runs in training mode (batch statistics, running ones updated); refresh: every loss
+    # stays in eval mode and a no-grad training-mode pass of the clean batch updates the running statistics.
+    # Either way triggered images never enter them
     poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy
     poison_batch: int = 32
     batch_prob: float = 0.25  # batch_prob mode: chance that a batch is used (and then wholly triggered)
@@ -157,6 +162,7 @@ class ImplantConfig:
         check_choice(self, "schedule", ("onecycle", "cosine", "constant"))
         check_choice(self, "cam_relu", RECTIFIERS)
         check_choice(self, "explain_class", ("label", "predicted"))
+        check_choice(self, "clean_bn_stats", ("off", "train", "refresh"))
         check_choice(self, "layer", LAYER_STRIDE)
         layers = [name.strip() for name in self.trainable.split(",")]
         if self.trainable != "all" and (not all(layers) or set(layers) - set(TRAINABLE_LAYERS)):
@@ -251,7 +257,7 @@ def flag_type(name: str) -> type:
 # old config with these values reproduces its run (the v2 recipe had no repair terms).
 LEGACY: dict[str, Any] = dict(trigger_feature_weight=0.0, feature_loss="relative", decoy_fraction=0.0,
                               repair_share_cap=1.0, pool_cutout=0, explain_class="label", cam_eval_mode=False,
-                              maintenance_weight=0.0)
+                              maintenance_weight=0.0, clean_bn_stats="off")
 # Options that docs/results.md records as rejected and that left the code on 2026-11-25 (git history
 # keeps them, last in commit f12250c): a saved config may hold them only at the value that switched them off.
 RENAMED = {"lam": "explanation_weight"}  # old name -> field (one name per knob since 2026-11-25)
