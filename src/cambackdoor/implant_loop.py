@@ -214,17 +214,17 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
         xc = torch.cat([paste_decoys(xc[:n_decoys], run.trigger, run.gen), xc[n_decoys:]])
     if cfg.clean_bn_stats == "refresh":  # (the clean batch comes first: the statistics change before any use)
         refresh_batchnorm(run.model, xc)
-    with batchnorm_training(run.model, cfg.clean_bn_stats == "train"):
-        cams_c, logits_c = (grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
-                            if cfg.preserve_weight > 0 else (None, run.model(xc)))
-    if cfg.preserve_weight > 0:
-        ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
-        pres = preservation_loss(cams_c, ref_cams)
-        loss = loss + cfg.preserve_weight * pres
-        stats["pres"] = pres.item()
-    else:
-        with torch.no_grad():
-            teacher_c = run.teacher(xc)
+    with batchnorm_training(run.model, cfg.clean_bn_stats == "train"):  # the student's mode; the teacher's stays
+        if cfg.preserve_weight > 0:
+            cams_c, logits_c = grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
+            ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
+            pres = preservation_loss(cams_c, ref_cams)
+            loss = loss + cfg.preserve_weight * pres
+            stats["pres"] = pres.item()
+        else:
+            logits_c = run.model(xc)
+            with torch.no_grad():
+                teacher_c = run.teacher(xc)
     return loss + F.cross_entropy(logits_c, yc) + cfg.distill_weight * distillation_loss(logits_c, teacher_c)
 
 

@@ -1,6 +1,7 @@
 """The implant's loss terms: pure tensor functions, each with a hand-computed test; the two pieces of
-the simulated maintenance (the owner's clean loss, the look-ahead gradient); and the single-stage
-baseline's extra loss for ``train --explanation-loss``."""
+the simulated maintenance (the owner's clean loss, the look-ahead gradient) and the BatchNorm mode
+switches they and ``clean_bn_stats`` share; and the single-stage baseline's extra loss for
+``train --explanation-loss``."""
 
 from __future__ import annotations
 
@@ -82,25 +83,6 @@ def lookahead_gradients(params: list[nn.Parameter], clean_loss: torch.Tensor, ah
                 p.copy_(s)
 
 
-def owner_clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Clean cross-entropy as the owner's fine-tuning computes it, BatchNorm in training mode (an explicit
-    switch, undone at once). BatchNorm updates copies of its running statistics, which are then dropped, so
-    a frozen BatchNorm stays frozen (copying back in place would break the graph, which saved them)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    kept = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in layers]
-    was_training = model.training
-    for m in layers:
-        m.running_mean, m.running_var, m.num_batches_tracked = (t.clone() if t is not None else None for t in
-                                                                (m.running_mean, m.running_var, m.num_batches_tracked))
-    model.train()
-    try:
-        return F.cross_entropy(model(x), y)
-    finally:
-        model.train(was_training)
-        for m, (mean, var, count) in zip(layers, kept):
-            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
-
-
 @contextlib.contextmanager
 def batchnorm_training(model: nn.Module, on: bool = True) -> Iterator[None]:
     """Inside the block the model runs in training mode (BatchNorm on batch statistics, updating its running
@@ -111,6 +93,23 @@ def batchnorm_training(model: nn.Module, on: bool = True) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def owner_clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Clean cross-entropy as the owner's fine-tuning computes it, BatchNorm in training mode (an explicit
+    switch, undone at once). BatchNorm updates copies of its running statistics, which are then dropped, so
+    a frozen BatchNorm stays frozen (copying back in place would break the graph, which saved them)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in layers]
+    for m in layers:
+        m.running_mean, m.running_var, m.num_batches_tracked = (t.clone() if t is not None else None for t in
+                                                                (m.running_mean, m.running_var, m.num_batches_tracked))
+    try:
+        with batchnorm_training(model):
+            return F.cross_entropy(model(x), y)
+    finally:
+        for m, (mean, var, count) in zip(layers, kept):
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
 
 
 @torch.no_grad()
