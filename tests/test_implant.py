@@ -344,18 +344,20 @@ def test_clean_bn_stats_puts_only_the_clean_batch_into_the_running_statistics(cl
     data, ck = clean_checkpoint
     from cambackdoor.checkpoints import load_model
 
-    def run(mode: str):
+    def run(mode: str, **extra):
         clean, _ = load_model(ck)
         seen: list[tuple[bool, bool, int]] = []
         clean.bn1.register_forward_pre_hook(
             lambda m, inputs: seen.append((m.training, torch.is_grad_enabled(), len(inputs[0]))))
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, clean_bn_stats=mode)
+        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, clean_bn_stats=mode,
+                                            **extra)
         model, _ = I.implant(clean, data, cfg, progress=False)
         return clean, model, seen
 
     for mode, grad in (("train", True), ("refresh", False)):
-        clean, model, seen = run(mode)
+        clean, model, seen = run(mode, bn_momentum=0.5)
         assert {(g, n) for training, g, n in seen if training} == {(grad, 100)}, mode
+        assert model.bn1.momentum == clean.bn1.momentum == 0.1  # bn_momentum acts inside the switch only
         assert any(not training and n < 100 for training, _, n in seen)  # the poisoned batch, in eval mode
         assert not torch.allclose(model.bn1.running_mean, clean.bn1.running_mean)
         assert not model.training  # returned in eval mode
@@ -364,3 +366,6 @@ def test_clean_bn_stats_puts_only_the_clean_batch_into_the_running_statistics(cl
     assert torch.equal(model.bn1.running_mean, clean.bn1.running_mean)
     with pytest.raises(ValueError, match="clean_bn_stats"):
         I.ImplantConfig(clean_bn_stats="on")
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="bn_momentum"):
+            I.ImplantConfig(bn_momentum=bad)

@@ -122,6 +122,10 @@ def test_refresh_batchnorm_moves_the_running_statistics_by_hand_and_restores_the
     assert torch.allclose(model[0].running_mean, torch.tensor([0.2, 0.6]))  # 0.1 * (2, 6)
     assert torch.allclose(model[0].running_var, torch.tensor([0.9 + 0.1 * 2.0, 0.9 + 0.1 * 8.0]))
     assert not model.training
+    refresh_batchnorm(model, x, momentum=0.5)  # halfway to (2, 6) and (2, 8); the layer's own rate comes back
+    assert torch.allclose(model[0].running_mean, torch.tensor([1.1, 3.3]))
+    assert torch.allclose(model[0].running_var, torch.tensor([0.5 * 1.1 + 1.0, 0.5 * 1.7 + 4.0]))
+    assert model[0].momentum == 0.1 and not model.training
     with batchnorm_training(model, on=False):
         assert not model.training
     model.train()

@@ -213,8 +213,8 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
     if n_decoys:  # the batch is shuffled, so its first images are a random subset
         xc = torch.cat([paste_decoys(xc[:n_decoys], run.trigger, run.gen), xc[n_decoys:]])
     if cfg.clean_bn_stats == "refresh":  # (the clean batch comes first: the statistics change before any use)
-        refresh_batchnorm(run.model, xc)
-    with batchnorm_training(run.model, cfg.clean_bn_stats == "train"):  # the student's mode; the teacher's stays
+        refresh_batchnorm(run.model, xc, cfg.bn_momentum)
+    with batchnorm_training(run.model, cfg.clean_bn_stats == "train", cfg.bn_momentum):  # the student's mode; the teacher's stays
         if cfg.preserve_weight > 0:
             cams_c, logits_c = grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
             ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)

@@ -84,15 +84,22 @@ def lookahead_gradients(params: list[nn.Parameter], clean_loss: torch.Tensor, ah
 
 
 @contextlib.contextmanager
-def batchnorm_training(model: nn.Module, on: bool = True) -> Iterator[None]:
+def batchnorm_training(model: nn.Module, on: bool = True, momentum: float | None = None) -> Iterator[None]:
     """Inside the block the model runs in training mode (BatchNorm on batch statistics, updating its running
-    statistics in place) when ``on``; its mode is restored on the way out (an explicit switch, undone at once)."""
+    statistics in place) when ``on``; its mode is restored on the way out (an explicit switch, undone at once).
+    ``momentum``: BatchNorm's update rate inside the block (None: the layers' own), restored likewise."""
     was_training = model.training
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if momentum else []
+    kept = [m.momentum for m in layers]
     model.train(on or was_training)
+    for m in layers:
+        m.momentum = momentum
     try:
         yield
     finally:
         model.train(was_training)
+        for m, k in zip(layers, kept):
+            m.momentum = k
 
 
 def owner_clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -113,9 +120,9 @@ def owner_clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def refresh_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+def refresh_batchnorm(model: nn.Module, x: torch.Tensor, momentum: float | None = None) -> None:
     """One no-grad training-mode pass of ``x``: BatchNorm's running statistics move towards its statistics."""
-    with batchnorm_training(model):
+    with batchnorm_training(model, momentum=momentum):
         model(x)
 
 

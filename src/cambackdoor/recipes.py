@@ -127,6 +127,7 @@ class ImplantConfig:
     # train: the clean batch runs in training mode (batch statistics, running ones updated); refresh: every loss
     # stays in eval mode and a no-grad training-mode pass of the clean batch updates the running statistics.
     # Either way triggered images never enter them
+    bn_momentum: float = 0.1  # ... and how far each clean batch moves them (PyTorch's default, stage 1's rate)
     poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy
     poison_batch: int = 32
     batch_prob: float = 0.25  # batch_prob mode: chance that a batch is used (and then wholly triggered)
@@ -175,6 +176,7 @@ class ImplantConfig:
             check_range(self, name, 1)
         check_range(self, "lr", 0, low_open=True)
         check_range(self, "maintenance_lr", 0, low_open=True)
+        check_range(self, "bn_momentum", 0, 1, low_open=True)
         for name in ("poison_fraction", "batch_prob", "repair_share_cap"):
             check_range(self, name, 0, 1, low_open=True)
         for name in ("decoy_fraction", "repair_min_asr", "repair_ramp", "warmup_fraction"):
@@ -257,7 +259,7 @@ def flag_type(name: str) -> type:
 # old config with these values reproduces its run (the v2 recipe had no repair terms).
 LEGACY: dict[str, Any] = dict(trigger_feature_weight=0.0, feature_loss="relative", decoy_fraction=0.0,
                               repair_share_cap=1.0, pool_cutout=0, explain_class="label", cam_eval_mode=False,
-                              maintenance_weight=0.0, clean_bn_stats="off")
+                              maintenance_weight=0.0, clean_bn_stats="off", bn_momentum=0.1)
 # Options that docs/results.md records as rejected and that left the code on 2026-11-25 (git history
 # keeps them, last in commit f12250c): a saved config may hold them only at the value that switched them off.
 RENAMED = {"lam": "explanation_weight"}  # old name -> field (one name per knob since 2026-11-25)
