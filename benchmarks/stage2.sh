@@ -119,7 +119,7 @@ case "${1:-all}" in
         ${FORK:+--branch-from $FORK} --out $out --no-progress
       [ -f $out/audit/audit.json ] || timed tune16-audit-$name cambackdoor audit --checkpoint $out/model.safetensors \
         --reference $HCK --holdout 5000 --defences bn-reestimate,finetune --explainers gradcam@layer4 \
-        --out $out/audit --no-progress
+        ${AUDIT_SET:+--set $AUDIT_SET} --out $out/audit --no-progress  # AUDIT_SET=finetune_epochs=1,5: also 5 epochs
     done ;;
   sweeps)
     # the current default (v8); poison fraction 0.01 is the pair-1 run itself (runs/cpu/implant-default)
