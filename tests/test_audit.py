@@ -65,6 +65,11 @@ def test_audit_battery_on_a_tiny_implant(implanted, tmp_path):
     assert times["total"] >= sum(v for k, v in times.items() if k != "total") - 0.5
     for name in ("explainers-model.png", "explainers-reference.png"):
         assert (tmp_path / "a" / name).stat().st_size > 1000
+    from safetensors.torch import load_file  # per-image outcomes, for intervals pooled over seeds
+    outcomes = load_file(str(tmp_path / "a" / "outcomes.safetensors"))
+    assert {k.split("/")[0] for k in outcomes} == set(names) and outcomes["model/success"].shape == (50,)
+    for r in result["rows"]:
+        assert outcomes[f"{r['name']}/clean_correct"].mean().item() == pytest.approx(r["clean_acc"]["value"])
 
 
 @pytest.mark.parametrize("values,match", [

@@ -1,5 +1,7 @@
 """Config checks: every field is validated where it is parsed (types, signs, finite numbers, names)."""
 
+import dataclasses
+
 import pytest
 
 from cambackdoor.config import load_preset, make_config
@@ -50,6 +52,10 @@ def test_ints_become_floats_and_valid_configs_pass():
     cfg = make_config(ImplantConfig, {"explanation_weight": 2, "lr": 1})
     assert isinstance(cfg.explanation_weight, float) and cfg.explanation_weight == 2.0 and isinstance(cfg.lr, float)
     assert ImplantConfig.from_recipe("reference").explain_class == "predicted"
+    persistent = ImplantConfig.from_recipe("persistent", seed=2)  # the default plus three fields, overridable
+    default = ImplantConfig.from_recipe("default", seed=2)
+    changed = {k for k, v in dataclasses.asdict(persistent).items() if dataclasses.asdict(default)[k] != v}
+    assert changed == {"recipe", "clean_bn_stats", "bn_momentum", "epochs"} and persistent.epochs == 4
 
 
 @pytest.mark.parametrize("items,match", [

@@ -35,6 +35,25 @@ def test_paired_difference_is_tighter_than_unpaired():
         stats.paired_difference(base, base[:10])
 
 
+def test_pooled_interval_holds_the_spread_between_seeds_by_hand():
+    # two seeds, constant within each (0 and 1): images add nothing; a resample draws two seeds with
+    # replacement, so its mean is 0, 0.5 or 1 with chances 1/4, 1/2, 1/4 -> the 95 % interval is [0, 1]
+    zeros, ones = torch.zeros(400), torch.ones(400)
+    p = stats.pooled([zeros, ones])
+    assert (p["value"], p["lo"], p["hi"]) == (0.5, 0.0, 1.0)
+    assert stats.pooled([ones, ones, ones]) == {"value": 1.0, "lo": 1.0, "hi": 1.0}
+    # one seed: the plain bootstrap over images (a rate of 0.3 on 2,000 images, about +-0.020)
+    values = torch.zeros(2000)
+    values[:600] = 1
+    one = stats.pooled([values])
+    assert one["value"] == pytest.approx(0.3) and 0.8 * 0.040 < one["hi"] - one["lo"] < 1.2 * 0.040
+    # three seeds that agree: about 1/sqrt(3) of one seed's width, and seeded
+    three = stats.pooled([values, values.flip(0), values.roll(7)])
+    assert 0.45 * 0.040 < three["hi"] - three["lo"] < 0.75 * 0.040 and three == stats.pooled([values, values.flip(0), values.roll(7)])
+    with pytest.raises(ValueError, match="at least one"):
+        stats.pooled([])
+
+
 def test_paired_auroc_interval():
     clean = torch.arange(200.0)
     trig = clean + 50  # the triggered copy scores higher

@@ -13,7 +13,9 @@ sure are the numbers? One command answers all four on the test set, with 95 % bo
    model and on the reference (the control);
 4. a figure per model: a few clean and triggered images under every explainer.
 
-It writes ``audit.json`` (with the exact config), ``audit.md`` and the figures into one folder, as a whole.
+It writes ``audit.json`` (with the exact config), ``audit.md``, the figures and ``outcomes.safetensors``
+(each row's per-image outcomes, ``ROW/METRIC``, for intervals pooled over seeds: :func:`stats.pooled`)
+into one folder, as a whole.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from cambackdoor import defences as DF
@@ -275,11 +278,12 @@ def run_audit(model: nn.Module, reference: nn.Module, data: Cifar10, trigger: Pa
              "clean_drop_vs_reference": stats.paired_difference(base["clean_correct"], ref["clean_correct"],
                                                                 seed=cfg.seed)},
             {"name": "reference (stage 1)", **summarise(ref, None, cfg.seed)}]
+    outcomes = {"model": base, "reference (stage 1)": ref}
     timings["rows: model and reference"] = time.perf_counter() - t
     for name, defended, transform, params in defended_models(model, data.train, cfg, progress):
         t = time.perf_counter()
-        rows.append({"name": name, "params": params, **summarise(measure(view(defended), test, trigger, target, layer,
-                                                                         transform), base, cfg.seed)})
+        outcomes[name] = measure(view(defended), test, trigger, target, layer, transform)
+        rows.append({"name": name, "params": params, **summarise(outcomes[name], base, cfg.seed)})
         timings[f"defence {name}"] = params["defence_s"] + time.perf_counter() - t  # preparing it + measuring
         if progress:
             print(f"audit: {name}: ASR {100 * rows[-1]['asr']['value']:.2f} %, clean "
@@ -303,4 +307,6 @@ def run_audit(model: nn.Module, reference: nn.Module, data: Cifar10, trigger: Pa
         result["timings_s"]["total"] = round(time.perf_counter() - start, 1)  # the parts, and what lies between
         atomic_write_text(tmp / "audit.json", json.dumps(result, indent=1))
         atomic_write_text(tmp / "audit.md", audit_markdown(result))
+        save_file({f"{row}/{k}": v.to(torch.float32).contiguous() for row, per in outcomes.items() for k, v in per.items()},
+                  str(tmp / "outcomes.safetensors"))
     return result

@@ -43,6 +43,24 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, n_boot: int = N_BOOT, se
     return {"diff": float((a - b).mean()), "lo": lo, "hi": hi}
 
 
+def pooled(per_seed: list[torch.Tensor], n_boot: int = N_BOOT, seed: int = 0, alpha: float = ALPHA) -> dict[str, float]:
+    """Mean over seeds of each seed's mean over images, with a two-level bootstrap interval: each resample
+    draws the seeds with replacement, then the images of each drawn seed with replacement (so the interval
+    holds both the spread between implant seeds and the test-set sampling). For a paired quantity (the
+    clean drop), pass each seed's per-image differences. One seed: the plain bootstrap over images."""
+    runs = [torch.as_tensor(v, dtype=torch.float64).flatten() for v in per_seed]
+    if not runs or any(v.numel() == 0 for v in runs):
+        raise ValueError("pooled needs at least one seed with at least one image")
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.zeros(n_boot, dtype=torch.float64)
+    for b in range(n_boot):
+        picks = torch.randint(0, len(runs), (len(runs),), generator=gen) if len(runs) > 1 else torch.zeros(1, dtype=torch.long)
+        means[b] = torch.stack([runs[i][torch.randint(0, len(runs[i]), (len(runs[i]),), generator=gen)].mean()
+                                for i in picks.tolist()]).mean()
+    return {"value": float(torch.stack([v.mean() for v in runs]).mean()), "lo": float(means.quantile(alpha / 2)),
+            "hi": float(means.quantile(1 - alpha / 2))}
+
+
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     """Area under the ROC curve: the chance that a random positive scores above a random negative
     (ties count half); Mann-Whitney U / (n_pos n_neg)."""

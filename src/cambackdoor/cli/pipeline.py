@@ -11,6 +11,7 @@ from cambackdoor.cli.common import add_data_args, add_device_arg, default_data, 
 from cambackdoor.config import load_preset
 from cambackdoor.data import check_limit, fingerprint_source
 from cambackdoor.pipeline import run_pipeline
+from cambackdoor.recipes import RECIPES
 from cambackdoor.report import make_figures
 from cambackdoor.sweep import run_sweep
 from cambackdoor.training import resolve_device
@@ -77,7 +78,7 @@ def register(sub: Any) -> None:
                                    "(commands.txt); finished points are never recomputed.")
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="e.g. lambda=0.05,0.1,0.2,0.5,1 or poison_fraction=0.002,0.005 (repeatable: cartesian product)")
-    p.add_argument("--recipe", choices=["default", "reference"], default="default")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default")
     p.add_argument("--checkpoint", default=None, help="stage-1 model (default runs/<preset>/stage1/model.safetensors)")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--out", default=None, help="sweep directory (default runs/<preset>/sweep-<recipe>)")
