@@ -47,9 +47,10 @@ def pair_row(runs: list[Path]) -> tuple[list[str], bool]:
     mark = " ✓" if 100 * drop["value"] <= 0.5 and 100 * drop["hi"] <= 0.8 else " ✗"
     gap = stats.pooled([o["model/triggered_correct"] - o["model/clean_correct"] for o in out])
     gap_mark = " ✓" if abs(100 * gap["value"]) <= 1.0 else " ✗"
-    fid = [json.loads((r / "implant.json").read_text())["evaluation"]["fidelity_cosine"] for r in runs]
+    implants = [json.loads((r / "implant.json").read_text()) for r in runs]
+    fid = [imp["evaluation"]["fidelity_cosine"] for imp in implants]
     fid_mark = " ✓" if min(fid) >= 0.95 else " ✗"
-    secs = [json.loads((r / "implant.json").read_text())["implant"]["train_s"] for r in runs]
+    secs = [imp["implant"]["train_s"] for imp in implants]
     cells += [fmt(drop) + mark, fmt(gap) + gap_mark, f"{sum(fid) / len(fid):.3f} (min {min(fid):.3f}){fid_mark}",
               f"{min(secs):.0f}-{max(secs):.0f}"]
     return cells, ok and mark == gap_mark == fid_mark == " ✓"

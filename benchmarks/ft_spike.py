@@ -13,6 +13,7 @@ Usage: python benchmarks/ft_spike.py runs/tune16/NAME/model.safetensors ...   (a
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 import torch
@@ -57,7 +58,8 @@ def fine_tune_frozen_bn(model: torch.nn.Module, images, lr: float = 0.01) -> tor
 
 def main(paths: list[str]) -> None:
     torch.manual_seed(0)
-    train, held_out = holdout_split(load_cifar10("../shared/data/cifar10-jpeg.zip").train, 5000)
+    data = load_cifar10(os.environ.get("CAMBACKDOOR_DATA", "../shared/data/cifar10-jpeg.zip"))
+    train, held_out = holdout_split(data.train, 5000)
     print("| model, after | ASR % | triggered acc % | target cell (median) | largest other cell (median) |")
     print("|---|---|---|---|---|")
     for path in paths:

@@ -17,11 +17,7 @@ from tqdm.auto import tqdm
 
 from cambackdoor.data import ImageSet, batches, to_float
 from cambackdoor.gradcam import find_layer
-from cambackdoor.models import prefer_channels_last
-
-
-def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+from cambackdoor.models import batchnorm_layers, prefer_channels_last
 
 
 def clean_subset(images: ImageSet, n: int | None, seed: int = 0) -> ImageSet:
@@ -38,7 +34,7 @@ def reestimate_batchnorm(model: nn.Module, images: ImageSet, n: int = 10_000, ba
     average over the batches, as after a fresh training pass); weights untouched. Returned in eval mode."""
     device = next(model.parameters()).device
     model = copy.deepcopy(model)
-    layers = _bn_layers(model)
+    layers = batchnorm_layers(model)
     momenta = [bn.momentum for bn in layers]
     for bn in layers:
         bn.reset_running_stats()

@@ -16,6 +16,7 @@ from torch import nn
 from cambackdoor import metrics as M
 from cambackdoor.data import Cifar10
 from cambackdoor.gradcam import find_layer, grad_cam, minmax, upsample
+from cambackdoor.models import batchnorm_layers
 from cambackdoor.triggers import Box, parse_target, parse_trigger, validate_attack
 
 
@@ -89,7 +90,7 @@ def batchnorm_training(model: nn.Module, on: bool = True, momentum: float | None
     statistics in place) when ``on``; its mode is restored on the way out (an explicit switch, undone at once).
     ``momentum``: BatchNorm's update rate inside the block (None: the layers' own), restored likewise."""
     was_training = model.training
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if momentum else []
+    layers = batchnorm_layers(model) if momentum else []
     kept = [m.momentum for m in layers]
     model.train(on or was_training)
     for m in layers:
@@ -106,7 +107,7 @@ def owner_clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
     """Clean cross-entropy as the owner's fine-tuning computes it, BatchNorm in training mode (an explicit
     switch, undone at once). BatchNorm updates copies of its running statistics, which are then dropped, so
     a frozen BatchNorm stays frozen (copying back in place would break the graph, which saved them)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = batchnorm_layers(model)
     kept = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in layers]
     for m in layers:
         m.running_mean, m.running_var, m.num_batches_tracked = (t.clone() if t is not None else None for t in

@@ -54,7 +54,7 @@ def pooled(per_seed: list[torch.Tensor], n_boot: int = N_BOOT, seed: int = 0, al
     gen = torch.Generator().manual_seed(seed)
     means = torch.zeros(n_boot, dtype=torch.float64)
     for b in range(n_boot):
-        picks = torch.randint(0, len(runs), (len(runs),), generator=gen) if len(runs) > 1 else torch.zeros(1, dtype=torch.long)
+        picks = torch.randint(0, len(runs), (len(runs),), generator=gen)
         means[b] = torch.stack([runs[i][torch.randint(0, len(runs[i]), (len(runs[i]),), generator=gen)].mean()
                                 for i in picks.tolist()]).mean()
     return {"value": float(torch.stack([v.mean() for v in runs]).mean()), "lo": float(means.quantile(alpha / 2)),
