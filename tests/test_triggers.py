@@ -116,3 +116,15 @@ def test_an_attack_is_parsed_and_checked_once_and_configs_reuse_it():
     assert cfg.attack is cfg.attack  # cached
     cfg.target = "top-right:8"  # a changed spec is parsed again
     assert cfg.attack.target.left == 24
+
+
+def test_change_is_the_largest_pixel_move_of_the_trigger():
+    # corners 0.0, 0.6 and 1.0 under a white square at half strength: moves of 0.5, 0.2 and 0
+    x = torch.zeros(3, 3, 32, 32)
+    x[1, :, 28:, :4], x[2, :, 28:, :4] = 0.6, 1.0
+    x[1, 0, 31, 0] = 0.2  # one darker pixel decides its image: 0.5 * (1 - 0.2) = 0.4
+    t = parse_trigger("white:4@bottom-left~0.5")
+    assert t.change(x).tolist() == pytest.approx([0.5, 0.4, 0.0])
+    assert t.change(x) == pytest.approx((t.apply(x) - x).abs().flatten(1).amax(1))
+    # a full-strength yellow square on a white corner moves the blue channel by 1
+    assert parse_trigger("yellow:4@bottom-right").change(torch.ones(1, 3, 32, 32)).tolist() == [1.0]
