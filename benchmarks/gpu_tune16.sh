@@ -2,6 +2,7 @@
 # Issue 16 held-out tuning on a GPU (the device tool; never CI): many implant + audit runs side by side,
 # each from scratch on the stage-1 model that never saw the 5,000 held-out images. The test set is not read.
 #   bash benchmarks/gpu_tune16.sh QUEUE_FILE OUT_DIR [WORKERS] [DEADLINE_S]
+#   width 64 (round G3): bash benchmarks/gpu_g3.sh "$OUT"
 # QUEUE_FILE: one "NAME|IMPLANT FLAGS" per line, most wanted first; a worker takes the next line until
 # DEADLINE_S seconds have passed (then none is started). Each finished run's JSON files are packed into
 # OUT_DIR/results.tar.gz every 20 s (so a run killed at its limit still returns what finished);
@@ -9,7 +10,7 @@
 # Needs CAMBACKDOOR_DATA (CIFAR-10 as an image-folder zip or folder) and src/ on PYTHONPATH.
 set -uo pipefail
 queue=$1 out=$2 workers=${3:-6} deadline=${4:-300}
-HCK=benchmarks/models/stage1-holdout/model.safetensors
+HCK=${HCK:-benchmarks/models/stage1-holdout/model.safetensors}  # width 64: a `fast` model trained with --holdout 5000
 R=runs/tune16
 start=$(date +%s)
 mkdir -p "$R" "$out"
