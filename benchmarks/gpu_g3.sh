@@ -5,7 +5,7 @@
 # Unpack OUT_DIR/results.tar.gz into runs/ here, then: python benchmarks/collect_tune16.py runs/tune16
 set -uo pipefail
 out=$1 workers=${2:-6} deadline=${3:-330}
-ck=runs/stage1-fast-holdout
+ck=runs/stage1-fast-holdout; mkdir -p runs
 [ -f $ck/model.safetensors ] || python -m cambackdoor.cli train --preset fast --holdout 5000 --device cuda --out $ck \
   --no-progress > $ck.log 2>&1 || { echo "FAIL stage 1: $(tail -1 $ck.log)"; exit 1; }
 mkdir -p "$out" && cp $ck/*.json $ck/metrics.jsonl "$out/" 2>/dev/null
