@@ -176,3 +176,18 @@ def test_run_folder_needs_resume_or_overwrite(tmp_path):
         C.claim_run_dir(tmp_path, ("model.safetensors",), resume=False, overwrite=False)
     C.claim_run_dir(tmp_path, ("model.safetensors",), resume=True, overwrite=False)
     C.claim_run_dir(tmp_path, ("model.safetensors",), resume=False, overwrite=True)
+
+
+def test_the_models_kept_in_the_repository_load_with_their_digests():
+    # benchmarks/models holds the weights later sessions and outside checks start from: each must load with
+    # its sha256 checked, and the implant must name the stage-1 model it came from by that model's digest
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
+    found = {p.parent.name: C.load_model(p) for p in sorted(root.glob("*/model.safetensors"))}
+    assert {"stage1-cpu", "stage1-holdout", "persistent-p1-s0"} <= set(found)
+    for name, (model, meta) in found.items():
+        assert meta["model"]["width"] == 16, name
+        assert model.eval()(torch.full((1, 3, 32, 32), 0.5)).isfinite().all(), name
+    parent = json.loads((root / "persistent-p1-s0" / "model.json").read_text())["parent"]
+    assert parent["sha256"] == found["stage1-cpu"][1]["weights_sha256"]
