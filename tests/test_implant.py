@@ -369,3 +369,16 @@ def test_clean_bn_stats_puts_only_the_clean_batch_into_the_running_statistics(cl
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="bn_momentum"):
             I.ImplantConfig(bn_momentum=bad)
+
+
+def test_a_faint_trigger_is_warned_about_and_recorded(clean_checkpoint, tmp_path):
+    data, ck = clean_checkpoint
+    images = data.train.images.clone()
+    images[:100, :, 28:, :4] = 255  # a quarter of the training images: a white bottom-left corner
+    bright = type(data)(type(data.train)(images, data.train.labels), data.test, data.classes, data.fingerprint, data.source)
+    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, trigger="white:4@bottom-left~0.5",
+                                      target="top-right:8")
+    with pytest.warns(UserWarning, match=r"faint .* on 25.00 % of the training images"):
+        result = I.run_implant(ck, bright, cfg, tmp_path / "faint", progress=False, limit=20)
+    assert result["train_faint_fraction"] == pytest.approx(0.25)
+    assert 0 <= result["evaluation"]["faint_fraction"] <= 1

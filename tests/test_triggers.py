@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cambackdoor.errors import CamBackdoorError
-from cambackdoor.triggers import Box, cam_resolution, paste_decoys, parse_target, parse_trigger, validate_attack
+from cambackdoor.triggers import (Box, cam_resolution, faint_share, paste_decoys, parse_target, parse_trigger,
+                                  validate_attack)
 
 
 def test_default_trigger_paints_a_yellow_bottom_right_square():
@@ -128,3 +129,12 @@ def test_change_is_the_largest_pixel_move_of_the_trigger():
     assert t.change(x) == pytest.approx((t.apply(x) - x).abs().flatten(1).amax(1))
     # a full-strength yellow square on a white corner moves the blue channel by 1
     assert parse_trigger("yellow:4@bottom-right").change(torch.ones(1, 3, 32, 32)).tolist() == [1.0]
+
+
+def test_faint_share_counts_images_the_trigger_barely_moves():
+    images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    images[:3, :, 28:, :4] = 255  # white corners: a half-strength white square moves nothing there
+    images[3, :, 28:, :4] = 240   # moves (1 - 240/255) / 2 = 0.029 < 0.05: faint too
+    images[4, :, 28:, :4] = 200   # moves 0.108: visible
+    assert faint_share(parse_trigger("white:4@bottom-left~0.5"), images, chunk=3) == pytest.approx(0.4)
+    assert faint_share(parse_trigger("yellow:4@bottom-right"), images) == 0.0

@@ -138,6 +138,14 @@ class PatchTrigger:
         return out
 
 
+def faint_share(trigger: PatchTrigger, images: torch.Tensor, chunk: int = 4096) -> float:
+    """Share of a uint8 [N, 3, H, W] image set on which ``trigger`` is faint (:data:`FAINT_CHANGE`), in
+    chunks so that 50,000 images never need a float copy at once."""
+    faint = sum(int((trigger.change(images[i : i + chunk].float() / 255) < FAINT_CHANGE).sum())
+                for i in range(0, len(images), chunk))
+    return faint / max(1, len(images))
+
+
 def paste_decoys(
     images: torch.Tensor, trigger: PatchTrigger, generator: torch.Generator, min_distance: float = 0.25
 ) -> torch.Tensor:
