@@ -149,7 +149,7 @@ def test_implant_branches_from_another_runs_saved_epoch(trained, data_args, tmp_
     assert main([str(a) for a in ["implant", "--out", tmp_path / "fork", "--epochs", "1", *common]]) == 0
     fork = json.loads((tmp_path / "fork" / "implant.json").read_text())["implant"]
     assert main([str(a) for a in ["implant", "--out", tmp_path / "b", "--epochs", "2", "--branch-from",
-                                  tmp_path / "fork" / "state.safetensors", "--set", "maintenance_weight=1", *common]]) == 0
+                                  tmp_path / "fork" / "state.safetensors", "--set", "decoy_fraction=0.5", *common]]) == 0
     log = json.loads((tmp_path / "b" / "implant.json").read_text())["implant"]
     assert log["branched_from"]["epoch"] == 1 and len(log["epochs"]) == 2
     assert log["epochs"][0] == fork["epochs"][0]  # epoch 1 is the fork's, not trained again

@@ -273,74 +273,10 @@ def test_implant_batch_larger_than_the_data_is_refused_before_training(clean_che
     assert not (tmp_path / "c" / "model.safetensors").exists()  # refused before any training
 
 
-def test_maintenance_gradient_is_the_poisoned_loss_gradient_one_clean_step_ahead(clean_checkpoint):
-    """Checked against the same look-ahead done by hand on a separate copy (the clean step with BatchNorm on
-    batch statistics, as the owner's fine-tuning; the poisoned loss in the run's own mode); the weights and
-    BatchNorm statistics come back exact."""
-    import copy
-
-    import torch.nn.functional as F
-
-    from cambackdoor.checkpoints import load_model
-    from cambackdoor.gradcam import grad_cam
-    from cambackdoor.losses import explanation_loss
-
-    data, ck = clean_checkpoint
-    clean, _ = load_model(ck)
-    cfg = I.ImplantConfig.from_recipe("default", batch_size=50, maintenance_weight=3.0, maintenance_lr=0.5,
-                                      repair_share_cap=1.0)
-    run = implant_loop._set_up(clean, data, cfg, torch.device("cpu"), with_hash=False)
-    run.model.eval()
-    xc, yc = data.train.images[:50].float() / 255, data.train.labels[:50]
-    xt, yp = parse_trigger(cfg.trigger).apply(data.train.images[50:60].float() / 255), data.train.labels[50:60]
-    before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    stats = {}
-    implant_loop._add_maintenance_gradient(run, xc, yc, xt, yp, yp, stats)
-    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
-
-    assert not run.model.training  # the owner's step used batch statistics, then the mode came back
-    owner, ahead = copy.deepcopy(run.model).train(), copy.deepcopy(run.model)  # the owner: batch statistics
-    grads = torch.autograd.grad(F.cross_entropy(owner(xc), yc), list(owner.parameters()))
-    params = list(ahead.parameters())
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            p -= 0.5 * g
-    cams, logits = grad_cam(ahead, xt, "layer4", yp, create_graph=True, relu="softplus")
-    loss = F.cross_entropy(logits, yp) + cfg.explanation_weight * explanation_loss("logshare", cams, TOP_LEFT, (32, 32))
-    expected = torch.autograd.grad(3.0 * loss, params)
-    assert stats["ahead"] == pytest.approx(loss.item(), rel=1e-5)
-    for p, e in zip(run.model.parameters(), expected):
-        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
-
-
-def test_maintenance_acts_only_while_repairing_and_is_validated(clean_checkpoint):
-    data, ck = clean_checkpoint
-    from cambackdoor.checkpoints import load_model
-
-    clean, _ = load_model(ck)
-
-    def run(**kw):
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_min_asr=0.0,
-                                          trigger_feature_weight=0.0, decoy_fraction=0.0, repair_share_cap=1.0,
-                                          pool_cutout=0, **kw)
-        model, log = I.implant(clean, data, cfg, progress=False)
-        return model.layer4[1].conv2.weight.detach().clone(), log
-
-    base, _ = run(repair_start=0.0)
-    changed, log = run(repair_start=0.0, maintenance_weight=1.0)
-    assert not torch.allclose(base, changed) and log["epochs"][-1]["repair_steps"] == 4
-    assert "ahead_asr" in log["trace"][0]
-    held_back, log = run(repair_start=0.99, maintenance_weight=1.0)
-    assert torch.equal(base, held_back) and log["epochs"][-1]["repair_steps"] == 0
-    for bad in (dict(maintenance_weight=-1.0), dict(maintenance_lr=0.0)):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            I.ImplantConfig(**bad)
-
-
 def test_clean_bn_stats_puts_only_the_clean_batch_into_the_running_statistics(clean_checkpoint):
-    """``train``: the clean batch (100 images) runs BatchNorm in training mode and the running statistics
-    move; ``refresh``: one extra no-grad training-mode pass of the clean batch moves them, every loss stays
-    in eval mode; the poisoned batch (the tiny pool's few images) never enters. ``off``: frozen throughout."""
+    """``refresh``: one extra no-grad training-mode pass of the clean batch (100 images) moves the running
+    statistics, every loss stays in eval mode; the poisoned batch (the tiny pool's few images) never enters.
+    ``off``: frozen throughout."""
     data, ck = clean_checkpoint
     from cambackdoor.checkpoints import load_model
 
@@ -354,13 +290,12 @@ def test_clean_bn_stats_puts_only_the_clean_batch_into_the_running_statistics(cl
         model, _ = I.implant(clean, data, cfg, progress=False)
         return clean, model, seen
 
-    for mode, grad in (("train", True), ("refresh", False)):
-        clean, model, seen = run(mode, bn_momentum=0.5)
-        assert {(g, n) for training, g, n in seen if training} == {(grad, 100)}, mode
-        assert model.bn1.momentum == clean.bn1.momentum == 0.1  # bn_momentum acts inside the switch only
-        assert any(not training and n < 100 for training, _, n in seen)  # the poisoned batch, in eval mode
-        assert not torch.allclose(model.bn1.running_mean, clean.bn1.running_mean)
-        assert not model.training  # returned in eval mode
+    clean, model, seen = run("refresh", bn_momentum=0.5)
+    assert {(g, n) for training, g, n in seen if training} == {(False, 100)}
+    assert model.bn1.momentum == clean.bn1.momentum == 0.1  # bn_momentum acts inside the switch only
+    assert any(not training and n < 100 for training, _, n in seen)  # the poisoned batch, in eval mode
+    assert not torch.allclose(model.bn1.running_mean, clean.bn1.running_mean)
+    assert not model.training  # returned in eval mode
     clean, model, seen = run("off")
     assert not any(training for training, _, _ in seen)
     assert torch.equal(model.bn1.running_mean, clean.bn1.running_mean)

@@ -25,9 +25,8 @@ from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
-from cambackdoor.losses import (batchnorm_training, classifier_inputs, distillation_loss, explanation_loss,
-                                feature_distillation_loss, lookahead_gradients, owner_clean_loss, preservation_loss,
-                                refresh_batchnorm)
+from cambackdoor.losses import (classifier_inputs, distillation_loss, explanation_loss, feature_distillation_loss,
+                                preservation_loss, refresh_batchnorm)
 from cambackdoor.recipes import ImplantConfig, trainable_parameters
 from cambackdoor.training import lr_factor, make_optimizer, resolve_device
 from cambackdoor.triggers import paste_decoys
@@ -184,8 +183,7 @@ def _step(run: _Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Te
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"implant loss became {loss.item()} at epoch {epoch + 1} step {i}; the input checkpoint "
                                "is untouched (and the last finished epoch is kept); lower --lr or --lambda")
-    maintain = clean if repairing and cfg.maintenance_weight > 0 and out is not None and clean is not None else None
-    _update(run, loss, out, yp, maintain, stats)
+    _update(run, loss, out, yp)
     if out is not None:
         _track(run, out, yp)
     if step % 10 == 0 or step == run.total - 1:  # the dynamics, for studying when a backdoor forms or breaks
@@ -214,17 +212,16 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
         xc = torch.cat([paste_decoys(xc[:n_decoys], run.trigger, run.gen), xc[n_decoys:]])
     if cfg.clean_bn_stats == "refresh":  # (the clean batch comes first: the statistics change before any use)
         refresh_batchnorm(run.model, xc, cfg.bn_momentum)
-    with batchnorm_training(run.model, cfg.clean_bn_stats == "train", cfg.bn_momentum):  # the student's mode; the teacher's stays
-        if cfg.preserve_weight > 0:
-            cams_c, logits_c = grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
-            ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
-            pres = preservation_loss(cams_c, ref_cams)
-            loss = loss + cfg.preserve_weight * pres
-            stats["pres"] = pres.item()
-        else:
-            logits_c = run.model(xc)
-            with torch.no_grad():
-                teacher_c = run.teacher(xc)
+    if cfg.preserve_weight > 0:
+        cams_c, logits_c = grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
+        ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
+        pres = preservation_loss(cams_c, ref_cams)
+        loss = loss + cfg.preserve_weight * pres
+        stats["pres"] = pres.item()
+    else:
+        logits_c = run.model(xc)
+        with torch.no_grad():
+            teacher_c = run.teacher(xc)
     return loss + F.cross_entropy(logits_c, yc) + cfg.distill_weight * distillation_loss(logits_c, teacher_c)
 
 
@@ -251,7 +248,7 @@ def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: t
             feat = feature_distillation_loss(feats_p[0], teacher_feats[0], cfg.feature_loss)
             loss = loss + ramp * cfg.trigger_feature_weight * feat
             stats["feat"] = feat.item()
-    return loss, {"cams": cams_p, "cam_logits": cam_logits, "explained": explained, "ce": ce_p, "expl": expl, "xt": xt}
+    return loss, {"cams": cams_p, "cam_logits": cam_logits, "explained": explained, "ce": ce_p, "expl": expl}
 
 
 def _triggered_cams(run: _Run, xt: torch.Tensor, explained: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -267,11 +264,9 @@ def _triggered_cams(run: _Run, xt: torch.Tensor, explained: torch.Tensor | None)
     return cams, run.model(xt), cam_logits
 
 
-def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch.Tensor | None,
-            maintain: tuple[torch.Tensor, torch.Tensor] | None = None, stats: dict[str, float] | None = None) -> None:
+def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch.Tensor | None) -> None:
     """The gradient step; with ``gradient_contamination`` the report's CAM gradient is added, as its
-    score.backward(create_graph=True) inside the CAM left d(sum of explained logits)/dθ in .grad.
-    ``maintain`` (a clean batch): the simulated-maintenance gradient is added first."""
+    score.backward(create_graph=True) inside the CAM left d(sum of explained logits)/dθ in .grad."""
     run.optimizer.zero_grad(set_to_none=True)
     contamination = None
     if run.cfg.gradient_contamination and out is not None:
@@ -281,8 +276,6 @@ def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch
     loss.backward()
     if contamination is not None:
         _add_to_grad(run.params, contamination)
-    if maintain is not None and out is not None and yp is not None:
-        _add_maintenance_gradient(run, *maintain, out["xt"], yp, out["explained"], stats if stats is not None else {})
     run.optimizer.step()
 
 
@@ -290,25 +283,6 @@ def _add_to_grad(params: list[nn.Parameter], grads: list[torch.Tensor | None] | 
     for p, g in zip(params, grads):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
-
-
-def _add_maintenance_gradient(run: _Run, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yp: torch.Tensor,
-                              explained: torch.Tensor | None, stats: dict[str, float]) -> None:
-    """Simulated maintenance: the poisoned images' loss one clean SGD step ahead (``maintenance_lr``, the
-    step the owner's fine-tuning would take: BatchNorm on batch statistics), its gradient added to ``.grad``
-    times ``maintenance_weight``. A backdoor whose loss stays low a clean step ahead is one the owner's
-    fine-tuning has to work harder to erase."""
-    cfg, seen = run.cfg, {}
-
-    def ahead() -> torch.Tensor:
-        seen["cams"], logits = grad_cam(run.model, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
-        expl = explanation_loss(cfg.explanation_loss, seen["cams"], run.target, run.image_hw)
-        return cfg.maintenance_weight * (F.cross_entropy(logits, yp) + cfg.explanation_weight * expl)
-
-    grads, value = lookahead_gradients(run.params, owner_clean_loss(run.model, xc, yc), ahead, cfg.maintenance_lr)
-    _add_to_grad(run.params, grads)
-    stats["ahead"] = value.item() / cfg.maintenance_weight
-    stats["ahead_asr"] = M.attack_success(M.box_iou(seen["cams"].detach(), run.target, run.image_hw)).float().mean().item()
 
 
 def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor) -> None:

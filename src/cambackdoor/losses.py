@@ -1,6 +1,5 @@
-"""The implant's loss terms: pure tensor functions, each with a hand-computed test; the two pieces of
-the simulated maintenance (the owner's clean loss, the look-ahead gradient) and the BatchNorm mode
-switches they and ``clean_bn_stats`` share; and the single-stage baseline's extra loss for
+"""The implant's loss terms: pure tensor functions, each with a hand-computed test; the BatchNorm
+switches of ``clean_bn_stats=refresh``; and the single-stage baseline's extra loss for
 ``train --explanation-loss``."""
 
 from __future__ import annotations
@@ -65,25 +64,6 @@ def feature_distillation_loss(features: torch.Tensor, teacher_features: torch.Te
     return torch.log1p(relative) if kind == "log" else relative
 
 
-def lookahead_gradients(params: list[nn.Parameter], clean_loss: torch.Tensor, ahead: Callable[[], torch.Tensor],
-                        lr: float) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-    """Gradients of ``ahead()`` taken one SGD step (``lr``) down ``clean_loss``'s gradient, and its value
-    there (first order: the step itself is not differentiated); the weights are put back exactly."""
-    step = torch.autograd.grad(clean_loss, params, allow_unused=True)
-    saved = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for p, g in zip(params, step):
-                if g is not None:
-                    p.sub_(lr * g)
-        value = ahead()
-        return list(torch.autograd.grad(value, params, allow_unused=True)), value.detach()
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-
-
 @contextlib.contextmanager
 def batchnorm_training(model: nn.Module, on: bool = True, momentum: float | None = None) -> Iterator[None]:
     """Inside the block the model runs in training mode (BatchNorm on batch statistics, updating its running
@@ -101,23 +81,6 @@ def batchnorm_training(model: nn.Module, on: bool = True, momentum: float | None
         model.train(was_training)
         for m, k in zip(layers, kept):
             m.momentum = k
-
-
-def owner_clean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Clean cross-entropy as the owner's fine-tuning computes it, BatchNorm in training mode (an explicit
-    switch, undone at once). BatchNorm updates copies of its running statistics, which are then dropped, so
-    a frozen BatchNorm stays frozen (copying back in place would break the graph, which saved them)."""
-    layers = batchnorm_layers(model)
-    kept = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in layers]
-    for m in layers:
-        m.running_mean, m.running_var, m.num_batches_tracked = (t.clone() if t is not None else None for t in
-                                                                (m.running_mean, m.running_var, m.num_batches_tracked))
-    try:
-        with batchnorm_training(model):
-            return F.cross_entropy(model(x), y)
-    finally:
-        for m, (mean, var, count) in zip(layers, kept):
-            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
 
 
 @torch.no_grad()

@@ -123,14 +123,10 @@ class ImplantConfig:
     repair_share_cap: float = 0.4  # < 1: while repairing, the explanation loss is a hinge at this target share
     pool_cutout: int = 8  # >0: while repairing, each poisoned image also gets a grey square this big (cutout)
     # before the trigger goes on, so 500 images look like more to the trigger-invariance terms
-    maintenance_weight: float = 0.0  # >0: while repairing, the poisoned images' loss is also taken at the weights
-    # one clean SGD step ahead (the owner's fine-tuning, simulated; first order), its gradient added with this weight
-    maintenance_lr: float = 1.0  # ... the size of that simulated step
     clean_bn_stats: str = "off"  # off: BatchNorm keeps stage 1's running statistics, which go stale as the weights
     # move (a backdoor then leans on the stale values, and BN re-estimation or the owner's fine-tuning deflates it);
-    # train: the clean batch runs in training mode (batch statistics, running ones updated); refresh: every loss
-    # stays in eval mode and a no-grad training-mode pass of the clean batch updates the running statistics.
-    # Either way triggered images never enter them
+    # refresh: every loss stays in eval mode and a no-grad training-mode pass of the clean batch updates the running
+    # statistics; triggered images never enter them
     bn_momentum: float = 0.1  # ... and how far each clean batch moves them (PyTorch's default, stage 1's rate)
     poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy
     poison_batch: int = 32
@@ -167,19 +163,18 @@ class ImplantConfig:
         check_choice(self, "schedule", ("onecycle", "cosine", "constant"))
         check_choice(self, "cam_relu", RECTIFIERS)
         check_choice(self, "explain_class", ("label", "predicted"))
-        check_choice(self, "clean_bn_stats", ("off", "train", "refresh"))
+        check_choice(self, "clean_bn_stats", ("off", "refresh"))
         check_choice(self, "layer", LAYER_STRIDE)
         layers = [name.strip() for name in self.trainable.split(",")]
         if self.trainable != "all" and (not all(layers) or set(layers) - set(TRAINABLE_LAYERS)):
             raise ValueError(f"trainable must be all or comma-separated names from {', '.join(TRAINABLE_LAYERS)}, "
                              f"not {self.trainable!r}")
         for name in ("explanation_weight", "preserve_weight", "distill_weight", "trigger_distill_weight", "trigger_feature_weight",
-                     "pool_cutout", "weight_decay", "holdout", "seed", "maintenance_weight"):
+                     "pool_cutout", "weight_decay", "holdout", "seed"):
             check_range(self, name, 0)
         for name in ("epochs", "batch_size", "poison_batch"):
             check_range(self, name, 1)
         check_range(self, "lr", 0, low_open=True)
-        check_range(self, "maintenance_lr", 0, low_open=True)
         check_range(self, "bn_momentum", 0, 1, low_open=True)
         for name in ("poison_fraction", "batch_prob", "repair_share_cap"):
             check_range(self, name, 0, 1, low_open=True)
@@ -205,17 +200,18 @@ class ImplantConfig:
     @property
     def has_repair_terms(self) -> bool:
         """Whether any term acts only in the repair phase (so ``repair_steps`` counts something)."""
-        return (max(self.decoy_fraction, self.trigger_feature_weight, self.pool_cutout, self.maintenance_weight) > 0
+        return (max(self.decoy_fraction, self.trigger_feature_weight, self.pool_cutout) > 0
                 or self.repair_share_cap < 1)
 
     @classmethod
     def from_saved(cls, values: dict[str, Any]) -> "ImplantConfig":
         """A config saved by any earlier version: fields it predates get their ``LEGACY`` values; removed
         options are dropped when they were off, refused when they were on."""
-        used = {k: v for k, v in values.items() if k in REMOVED and v != REMOVED[k]}
+        used = sorted(k for k, v in values.items() if k in REMOVED and v != REMOVED[k][0])
+        used += [f"{k}={v}" for k, v in REMOVED_CHOICES if values.get(k) == v]
         if used:
-            raise CamBackdoorError(f"saved implant config uses the removed option(s) {', '.join(sorted(used))}; "
-                                   "replay it with commit f12250c, where they last existed")
+            raise CamBackdoorError(f"saved implant config uses the removed option(s) {', '.join(used)}; replay it with "
+                                   f"commit {_last_commit(used)}, where they last existed")
         values = {RENAMED.get(k, k): v for k, v in values.items() if k not in REMOVED}
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -229,10 +225,10 @@ class ImplantConfig:
             raise CamBackdoorError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}")
         if "recipe" in overrides:
             raise CamBackdoorError("the recipe is chosen with --recipe, not --set recipe=...")
-        removed = sorted(set(overrides) & set(REMOVED))
+        removed = sorted(set(overrides) & set(REMOVED)) + [f"{k}={v}" for k, v in REMOVED_CHOICES if overrides.get(k) == v]
         if removed:
-            raise CamBackdoorError(f"{', '.join(removed)} was a rejected option and left the code on 2026-11-25; "
-                                   "to rerun an experiment with it, check out commit f12250c")
+            raise CamBackdoorError(f"{', '.join(removed)} was a rejected option and left the code; to rerun an "
+                                   f"experiment with it, check out commit {_last_commit(removed)}")
         values = {**RECIPES[recipe], "recipe": recipe,
                   **{RENAMED.get(k, k): v for k, v in overrides.items() if v is not None}}
         return make_config(cls, values)
@@ -263,8 +259,21 @@ def flag_type(name: str) -> type:
 # old config with these values reproduces its run (the v2 recipe had no repair terms).
 LEGACY: dict[str, Any] = dict(trigger_feature_weight=0.0, feature_loss="relative", decoy_fraction=0.0,
                               repair_share_cap=1.0, pool_cutout=0, explain_class="label", cam_eval_mode=False,
-                              maintenance_weight=0.0, clean_bn_stats="off", bn_momentum=0.1)
-# Options that docs/results.md records as rejected and that left the code on 2026-11-25 (git history
-# keeps them, last in commit f12250c): a saved config may hold them only at the value that switched them off.
+                              clean_bn_stats="off", bn_momentum=0.1)
 RENAMED = {"lam": "explanation_weight"}  # old name -> field (one name per knob since 2026-11-25)
-REMOVED: dict[str, Any] = dict(clean_share_weight=0.0, repair_trigger_distill_weight=0.0, repair_poison_ce_weight=1.0)
+# Options that docs/results.md records as rejected and that left the code (git history keeps them): name ->
+# (the value that switched it off, the last commit that had it); a saved config may hold them only switched off.
+REMOVED: dict[str, tuple[Any, str]] = {
+    "clean_share_weight": (0.0, "f12250c"), "repair_trigger_distill_weight": (0.0, "f12250c"),
+    "repair_poison_ce_weight": (1.0, "f12250c"),
+    # simulated maintenance: with `refresh` it cost 34 pt of clean accuracy (GPU round G1), without it the
+    # backdoor stayed fragile (rounds 1-4); rejected 2026-11-26
+    "maintenance_weight": (0.0, "650083d"), "maintenance_lr": (1.0, "650083d")}
+# Values of kept options rejected likewise: clean_bn_stats=train put the target on clean maps too (round G1)
+REMOVED_CHOICES: list[tuple[str, Any]] = [("clean_bn_stats", "train")]
+
+
+def _last_commit(removed: list[str]) -> str:
+    """The commit(s) to check out for the removed options named in ``removed`` ("name" or "name=value")."""
+    commits = {REMOVED[k][1] if k in REMOVED else "650083d" for k in (r.split("=")[0] for r in removed)}
+    return " / ".join(sorted(commits))
