@@ -89,9 +89,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         pool_cutout=0,
     ),
     "default": {},  # the field defaults below
-    # v9 candidate (issue 16, chosen on held-out images, registered in docs/protocol.md): BatchNorm's running
-    # statistics follow the clean images, slowly, so the backdoor cannot lean on stale ones, and twice the
-    # epochs, so it is built deep enough to outlast the owner's fine-tuning
+    # v9 candidate (issue 16, chosen on held-out images): BatchNorm's running statistics follow the clean
+    # images, slowly, so the backdoor cannot lean on stale ones, and twice the epochs, so it is built deep
+    # enough to outlast the owner's fine-tuning. Registration 4 (docs/protocol.md) met every bar on pairs 1
+    # and 4, missed the clean drop on pair 2 by 0.06 pt and failed the blended trigger (docs/results.md)
     "persistent": dict(clean_bn_stats="refresh", bn_momentum=0.003, epochs=4),
 }
 
