@@ -1,7 +1,8 @@
 """Where an implant step's time goes (issue 16's stage-2 time bar): the shares of one `persistent` step on
 this machine, in the repair phase, 128 clean + 32 poisoned images, width 16 (the `cpu` stage-1 model).
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/profile_step.py [STEPS] [RECIPE]   (CAMBACKDOOR_DATA or the shared zip)
+Usage: OMP_NUM_THREADS=1 python benchmarks/profile_step.py [STEPS] [RECIPE] [channels_last]
+(CAMBACKDOOR_DATA or the shared zip; channels_last: student and teacher in that memory format)
 Times the named pieces of `implant_loop._step` by wrapping them; not a benchmark of the whole run.
 """
 
@@ -20,7 +21,7 @@ from cambackdoor.data import batches, load_cifar10
 from cambackdoor.recipes import ImplantConfig
 
 
-def main(steps: int = 15, recipe: str = "persistent") -> None:
+def main(steps: int = 15, recipe: str = "persistent", channels_last: bool = False) -> None:
     spent: dict[str, float] = collections.defaultdict(float)
 
     def timed(name, f):  # noqa: ANN001, ANN202
@@ -36,6 +37,8 @@ def main(steps: int = 15, recipe: str = "persistent") -> None:
     cfg = ImplantConfig.from_recipe(recipe, holdout=5000)
     run = L._set_up(model, data, cfg, torch.device("cpu"), with_hash=False)
     run.running["asr"] = 1.0  # the repair phase: every term on
+    if channels_last:
+        run.model.to(memory_format=torch.channels_last), run.teacher.to(memory_format=torch.channels_last)
     grad_cam = L.grad_cam
     L.grad_cam = lambda m, x, *a, **k: timed(  # noqa: E731
         "teacher's CAM" if m is run.teacher else "student's CAMs (create_graph)", grad_cam)(m, x, *a, **k)
@@ -51,11 +54,12 @@ def main(steps: int = 15, recipe: str = "persistent") -> None:
         spent["step"] += time.perf_counter() - t
     total = spent.pop("step")
     print(f"{recipe}: {1000 * total / steps:.0f} ms per step, {run.steps_per_epoch} steps per epoch "
-          f"({torch.get_num_threads()} thread(s))")
+          f"({torch.get_num_threads()} thread(s){', channels_last' if channels_last else ''})")
     for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {name:32s} {100 * s / total:5.1f} %")
     print(f"  {'the rest (losses, poison, trace)':32s} {100 * (1 - sum(spent.values()) / total):5.1f} %")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 15, sys.argv[2] if len(sys.argv) > 2 else "persistent")
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 15, sys.argv[2] if len(sys.argv) > 2 else "persistent",
+         sys.argv[3:4] == ["channels_last"])
