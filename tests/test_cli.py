@@ -223,3 +223,13 @@ def test_corrupt_cifar_pickle_is_one_line(tmp_path, capsys, pickle_dir):
     with open(pickle_dir / "test_batch", "wb") as f:
         pk.dump(np.zeros(3), f, protocol=2)
     cli_error(capsys, ["train", "--data", pickle_dir, "--subset-ok", "--out", tmp_path / "o"], "not a CIFAR-10 python batch")
+
+
+def test_a_warning_is_one_line(trained, capsys):
+    """An off-grid target is allowed with a warning: one line 'warning: ...', no source listing."""
+    root, data, out = trained
+    code = main(["evaluate", "--checkpoint", str(out / "model.safetensors"), "--target", "12,12,8,8", "--data", str(data),
+                 "--subset-ok", "--no-progress", "--cache-dir", str(root / "cache"), "--out", str(root / "ev-offgrid")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 0 and err and all(line.startswith("warning: ") for line in err), err
+    assert any("off the CAM grid" in line for line in err)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 from cambackdoor.cli import audit, evaluate, implant, pipeline, train
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # a warning is one line naming what to do, not a source listing
+            warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+            return int(args.func(args) or 0)
     except CamBackdoorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
