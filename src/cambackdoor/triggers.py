@@ -149,24 +149,19 @@ def faint_share(trigger: PatchTrigger, images: torch.Tensor, chunk: int = 4096) 
 def paste_decoys(
     images: torch.Tensor, trigger: PatchTrigger, generator: torch.Generator, min_distance: float = 0.25
 ) -> torch.Tensor:
-    """Copies of ``images`` with a random colour put in the trigger's box the way the trigger is ("decoys"):
-    a solid patch, or for a blended trigger the same blend towards another colour.
+    """Copies of ``images`` with a random solid-colour patch in the trigger's box ("decoys").
 
     Trained to keep their clean maps, decoys teach the backdoor to key on the trigger itself rather
-    than on any patch (or any yellowish corner) there; for a blended trigger, on the lift towards its
-    colour rather than on a corner that is bright or flat (blended white: registration 4, pair 3). A colour
-    within ``min_distance`` (mean absolute difference) of the trigger patch is replaced by its complement,
-    so no decoy is the trigger.
+    than on any patch (or any yellowish corner) there. A colour within ``min_distance`` (mean absolute
+    difference) of the trigger patch is replaced by its complement, so no decoy is the trigger.
     """
     b = trigger.box()
     colours = torch.rand(images.shape[0], 3, generator=generator).to(images.device, images.dtype)
     patch = trigger.patch().to(images.device, images.dtype)
     too_close = (colours[:, :, None, None] - patch).abs().mean((1, 2, 3)) < min_distance
-    colours = torch.where(too_close[:, None], 1 - colours, colours)[:, :, None, None]
+    colours = torch.where(too_close[:, None], 1 - colours, colours)
     out = images.clone()
-    region = out[:, :, b.top : b.bottom, b.left : b.right]
-    out[:, :, b.top : b.bottom, b.left : b.right] = colours if trigger.blend == 1 else (
-        (1 - trigger.blend) * region + trigger.blend * colours)
+    out[:, :, b.top : b.bottom, b.left : b.right] = colours[:, :, None, None]
     return out
 
 
