@@ -208,11 +208,10 @@ class ImplantConfig:
     def from_saved(cls, values: dict[str, Any]) -> "ImplantConfig":
         """A config saved by any earlier version: fields it predates get their ``LEGACY`` values; removed
         options are dropped when they were off, refused when they were on."""
-        used = sorted(k for k, v in values.items() if k in REMOVED and v != REMOVED[k][0])
-        used += [f"{k}={v}" for k, v in REMOVED_CHOICES if values.get(k) == v]
+        used = _removed_in(values, saved=True)
         if used:
             raise CamBackdoorError(f"saved implant config uses the removed option(s) {', '.join(used)}; replay it with "
-                                   f"commit {_last_commit(used)}, where they last existed")
+                                   f"commit {' / '.join(sorted(set(used.values())))}, where they last existed")
         values = {RENAMED.get(k, k): v for k, v in values.items() if k not in REMOVED}
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -226,10 +225,10 @@ class ImplantConfig:
             raise CamBackdoorError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}")
         if "recipe" in overrides:
             raise CamBackdoorError("the recipe is chosen with --recipe, not --set recipe=...")
-        removed = sorted(set(overrides) & set(REMOVED)) + [f"{k}={v}" for k, v in REMOVED_CHOICES if overrides.get(k) == v]
+        removed = _removed_in(overrides, saved=False)
         if removed:
             raise CamBackdoorError(f"{', '.join(removed)} was a rejected option and left the code; to rerun an "
-                                   f"experiment with it, check out commit {_last_commit(removed)}")
+                                   f"experiment with it, check out commit {' / '.join(sorted(set(removed.values())))}")
         values = {**RECIPES[recipe], "recipe": recipe,
                   **{RENAMED.get(k, k): v for k, v in overrides.items() if v is not None}}
         return make_config(cls, values)
@@ -270,11 +269,14 @@ REMOVED: dict[str, tuple[Any, str]] = {
     # simulated maintenance: with `refresh` it cost 34 pt of clean accuracy (GPU round G1), without it the
     # backdoor stayed fragile (rounds 1-4); rejected 2026-11-26
     "maintenance_weight": (0.0, "650083d"), "maintenance_lr": (1.0, "650083d")}
-# Values of kept options rejected likewise: clean_bn_stats=train put the target on clean maps too (round G1)
-REMOVED_CHOICES: list[tuple[str, Any]] = [("clean_bn_stats", "train")]
+# Values of kept options rejected likewise, -> the last commit that had them: clean_bn_stats=train put the
+# target on clean maps too (round G1)
+REMOVED_CHOICES: dict[tuple[str, Any], str] = {("clean_bn_stats", "train"): "650083d"}
 
 
-def _last_commit(removed: list[str]) -> str:
-    """The commit(s) to check out for the removed options named in ``removed`` ("name" or "name=value")."""
-    commits = {REMOVED[k][1] if k in REMOVED else "650083d" for k in (r.split("=")[0] for r in removed)}
-    return " / ".join(sorted(commits))
+def _removed_in(values: dict[str, Any], saved: bool) -> dict[str, str]:
+    """The removed options (``name`` or ``name=value``) that ``values`` uses -> the last commit that had each.
+    ``saved``: a config read back, which may hold a removed option at the value that switched it off."""
+    used = {k: commit for k, (off, commit) in REMOVED.items() if k in values and not (saved and values[k] == off)}
+    used.update({f"{k}={v}": commit for (k, v), commit in REMOVED_CHOICES.items() if values.get(k) == v})
+    return dict(sorted(used.items()))
