@@ -11,13 +11,14 @@
 set -uo pipefail
 queue=$1 out=$2 workers=${3:-6} deadline=${4:-300}
 HCK=${HCK:-benchmarks/models/stage1-holdout/model.safetensors}  # width 64: a `fast` model trained with --holdout 5000
-R=runs/tune16
+AUDIT_FT=${AUDIT_FT:-1,5}  # fine-tuning epochs the audit measures (1 alone halves a width-64 audit)
+R=${R:-runs/tune16}  # where the runs go (two queues side by side need two)
 start=$(date +%s)
 mkdir -p "$R" "$out"
 cb() { OMP_NUM_THREADS=2 python -m cambackdoor.cli "$@"; }
 export -f cb
 one() {  # NAME|FLAGS: implant, then audit the defences on the held-out images
-  local spec=$1 name=${1%%|*} flags=${1#*|} o=runs/tune16/${1%%|*} s
+  local spec=$1 name=${1%%|*} flags=${1#*|} o=$R/${1%%|*} s
   [ $(( $(date +%s) - START )) -ge "$DEADLINE" ] && { echo "skip $name (deadline)"; return 0; }
   s=$(date +%s)
   # shellcheck disable=SC2086
@@ -25,13 +26,13 @@ one() {  # NAME|FLAGS: implant, then audit the defences on the held-out images
     || { echo "FAIL implant $name: $(tail -1 "$o.implant.log")"; return 0; }
   local t=$(date +%s)
   cb audit --checkpoint "$o/model.safetensors" --reference "$HCK" --holdout 5000 --defences bn-reestimate,finetune \
-    --explainers gradcam@layer4 --set finetune_epochs=1,5 --device cuda --out "$o/audit" --no-progress \
+    --explainers gradcam@layer4 --set finetune_epochs=$AUDIT_FT --device cuda --out "$o/audit" --no-progress \
     >"$o.audit.log" 2>&1 || { echo "FAIL audit $name: $(tail -1 "$o.audit.log")"; return 0; }
   echo "done $name implant_s=$(( t - s )) audit_s=$(( $(date +%s) - t ))"
 }
 export -f one
-export HCK START=$start DEADLINE=$deadline
-pack() { (cd runs && find tune16 -name '*.json' -o -name '*.log' -o -name '*.jsonl' | tar -czf "$out/.results.tmp" -T - \
+export HCK AUDIT_FT R START=$start DEADLINE=$deadline
+pack() { (cd "$(dirname "$R")" && find "$(basename "$R")" -name '*.json' -o -name '*.log' -o -name '*.jsonl' | tar -czf "$out/.results.tmp" -T - \
   && mv "$out/.results.tmp" "$out/results.tar.gz") 2>/dev/null; }
 ( while sleep 20; do pack; done ) & packer=$!
 grep -v '^\s*\(#\|$\)' "$queue" | tr '\n' '\0' | xargs -0 -P "$workers" -I{} bash -c 'one "$1"' _ {} | tee -a "$out/log.txt"
