@@ -9,9 +9,9 @@ set -uo pipefail
 out=$1 ck=runs/stage1-fast-holdout
 mkdir -p runs/g4 "$out/w64" "$out/w16"
 export AUDIT_FT=1
-R=runs/g4/w16 bash benchmarks/gpu_tune16.sh benchmarks/gpu_queue_g4_w16.txt "$out/w16" 6 600 & w16=$!
+R=runs/g4/w16 bash benchmarks/gpu_tune16.sh benchmarks/gpu_queue_${G:-g4}_w16.txt "$out/w16" 6 600 & w16=$!
 [ -f $ck/model.safetensors ] || python -m cambackdoor.cli train --preset fast --holdout 5000 --device cuda --out $ck \
   --no-progress > $ck.log 2>&1 || { echo "FAIL stage 1: $(tail -1 $ck.log)"; wait $w16; exit 1; }
 cp $ck/*.json $ck/metrics.jsonl "$out/w64/" 2>/dev/null
-R=runs/g4/w64 HCK=$ck/model.safetensors bash benchmarks/gpu_tune16.sh benchmarks/gpu_queue_g4_w64.txt "$out/w64" 6 600
+R=runs/g4/w64 HCK=$ck/model.safetensors bash benchmarks/gpu_tune16.sh benchmarks/gpu_queue_${G:-g4}_w64.txt "$out/w64" 6 600
 wait $w16
