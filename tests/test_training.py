@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -76,9 +77,20 @@ def test_lr_schedules():
     assert lr_factor("constant", 77, 100) == 1.0
 
 
-def test_holdout_accuracy_is_reported(tiny_data, tmp_path):
-    _, metrics = train(TrainConfig(**{**TINY, "epochs": 1, "holdout": 100}), tiny_data, tmp_path / "h", progress=False)
-    assert 0.0 <= metrics["holdout_acc"] <= 1.0
+class Untouchable:
+    """A test split that fails the run if anything reads it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test set was read ({name})")
+
+    def __len__(self):
+        raise AssertionError("the test set was read (len)")
+
+
+def test_holdout_accuracy_is_reported_and_the_test_set_never_read(tiny_data, tmp_path):
+    data = dataclasses.replace(tiny_data, test=Untouchable())
+    _, metrics = train(TrainConfig(**{**TINY, "epochs": 1, "holdout": 100}), data, tmp_path / "h", progress=False)
+    assert 0.0 <= metrics["holdout_acc"] <= 1.0 and "test_acc" not in metrics
 
 
 class Killed(BaseException):
