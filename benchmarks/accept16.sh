@@ -11,6 +11,7 @@
 set -uo pipefail
 workers=${1:-1} device=${2:-auto} pack=${3:-}
 export CK=${CK:-benchmarks/models/stage1-cpu/model.safetensors} DEVICE=$device R=${R:-runs/accept16}  # 4b: CK, R
+export RECIPE=${RECIPE:-persistent} FLAGS=${FLAGS:-}  # a later registration names its recipe and flags here
 declare -A PAIR=(
   [1]="--trigger yellow:4@bottom-right --target top-left:8"
   [2]="--trigger checkerboard:3@top-right --target bottom-left:8"
@@ -22,8 +23,8 @@ cb() { OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python -m cambackdoor.cli "$@"; }
 one() {  # "P S FLAGS": implant pair P with seed S, then audit it against the stage-1 model
   local p=$1 s=$2 o=$R/p$1-s$2 t; shift 2
   t=$(date +%s)
-  # shellcheck disable=SC2068
-  [ -f $o/implant.json ] || cb implant --checkpoint $CK --recipe persistent --seed $s $@ --device $DEVICE --resume \
+  # shellcheck disable=SC2068,SC2086
+  [ -f $o/implant.json ] || cb implant --checkpoint $CK --recipe $RECIPE $FLAGS --seed $s $@ --device $DEVICE --resume \
     --out $o --no-progress >>$o.implant.log 2>&1 || { echo "FAIL implant p$p-s$s: $(tail -1 $o.implant.log)"; return 0; }
   local a=$(date +%s)
   [ -f $o/audit/audit.json ] || cb audit --checkpoint $o/model.safetensors --reference $CK \
