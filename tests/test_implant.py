@@ -301,6 +301,8 @@ def test_clean_bn_stats_puts_only_the_clean_batch_into_the_running_statistics(cl
     assert torch.equal(model.bn1.running_mean, clean.bn1.running_mean)
     with pytest.raises(ValueError, match="clean_bn_stats"):
         I.ImplantConfig(clean_bn_stats="on")
+    with pytest.raises(ValueError, match="decoy_form"):
+        I.ImplantConfig(decoy_form="pattern")
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="bn_momentum"):
             I.ImplantConfig(bn_momentum=bad)

@@ -105,6 +105,27 @@ def test_decoys_are_solid_patches_in_the_trigger_box_and_never_the_trigger():
     assert torch.equal(again, decoys)
 
 
+def test_trigger_shaped_decoys_copy_the_pattern_and_the_blend_in_other_colours():
+    images = torch.rand(400, 3, 32, 32)
+    trigger = parse_trigger("checkerboard:4@bottom-left~0.5")
+    decoys = paste_decoys(images, trigger, torch.Generator().manual_seed(0), form="trigger")
+    assert torch.equal(decoys[:, :, :28], images[:, :, :28]) and torch.equal(decoys[:, :, :, 4:], images[:, :, :, 4:])
+    put = (decoys[:, :, 28:, :4] - 0.5 * images[:, :, 28:, :4]) / 0.5  # undo the half blend: the pasted pattern
+    white = ((torch.arange(4)[:, None] + torch.arange(4)[None, :]) % 2).bool()
+    first, second = put[:, :, ~white], put[:, :, white]  # [N, 3, 8] each: one colour per cell set
+    assert torch.allclose(first, first[:, :, :1].expand_as(first), atol=1e-5)
+    assert torch.allclose(second, second[:, :, :1].expand_as(second), atol=1e-5)
+    assert (first[:, :, 0] - second[:, :, 0]).abs().amax(1).median() > 0.3  # two colours, not one
+    red_white = trigger.patch()
+    assert (put - red_white).abs().mean((1, 2, 3)).min() >= 0.25 - 1e-5  # never the trigger itself
+    # a solid, pasted trigger gets the solid decoys, draw for draw
+    solid = parse_trigger("yellow:4@bottom-right")
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(paste_decoys(images, solid, g(), form="trigger"), paste_decoys(images, solid, g()))
+    with pytest.raises(CamBackdoorError, match="decoy form 'patterned' must be one of solid, trigger"):
+        paste_decoys(images, solid, g(), form="patterned")
+
+
 def test_an_attack_is_parsed_and_checked_once_and_configs_reuse_it():
     from cambackdoor.recipes import ImplantConfig
     from cambackdoor.triggers import Attack

@@ -209,7 +209,7 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
     cfg = run.cfg
     n_decoys = round(ramp * cfg.decoy_fraction * len(yc)) if repairing else 0
     if n_decoys:  # the batch is shuffled, so its first images are a random subset
-        xc = torch.cat([paste_decoys(xc[:n_decoys], run.trigger, run.gen), xc[n_decoys:]])
+        xc = torch.cat([paste_decoys(xc[:n_decoys], run.trigger, run.gen, form=cfg.decoy_form), xc[n_decoys:]])
     if cfg.clean_bn_stats == "refresh":  # (the clean batch comes first: the statistics change before any use)
         refresh_batchnorm(run.model, xc, cfg.bn_momentum)
     if cfg.preserve_weight > 0:

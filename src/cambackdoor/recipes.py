@@ -57,7 +57,7 @@ from torch import nn
 from cambackdoor.config import check_choice, check_fields, check_range, make_config
 from cambackdoor.errors import CamBackdoorError
 from cambackdoor.gradcam import RECTIFIERS, find_layer
-from cambackdoor.triggers import LAYER_STRIDE, Attack
+from cambackdoor.triggers import DECOY_FORMS, LAYER_STRIDE, Attack
 
 TRAINABLE_LAYERS = ("normalize", "conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
 
@@ -116,6 +116,8 @@ class ImplantConfig:
     # stays gentle on a backdoor that inflated the features (relative MSE ~300 seen), instead of knocking it over
     decoy_fraction: float = 0.25  # share of each clean batch given a random solid-colour patch where the trigger
     # goes (maps and outputs still kept at the stage-1 model's), so the backdoor keys on the trigger, not on any patch
+    decoy_form: str = "solid"  # solid: a random solid colour pasted; trigger: the trigger's pattern in random colours,
+    # blended as the trigger is (a blended pattern otherwise teaches "any textured corner", issue 16's pair 3)
     repair_start: float = 0.5  # decoys, share cap, cutout and feature distillation ("repair" terms, which slow
     # the backdoor's forming) only from this share of the run on, once it has formed
     repair_min_asr: float = 0.9  # ... and only while the running ASR on the training triggered batches is this high
@@ -165,6 +167,7 @@ class ImplantConfig:
         check_choice(self, "cam_relu", RECTIFIERS)
         check_choice(self, "explain_class", ("label", "predicted"))
         check_choice(self, "clean_bn_stats", ("off", "refresh"))
+        check_choice(self, "decoy_form", DECOY_FORMS)
         check_choice(self, "layer", LAYER_STRIDE)
         layers = [name.strip() for name in self.trainable.split(",")]
         if self.trainable != "all" and (not all(layers) or set(layers) - set(TRAINABLE_LAYERS)):

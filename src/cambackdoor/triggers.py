@@ -2,8 +2,7 @@
 
 Specs used on the command line:
   trigger: ``COLOUR:SIZE@WHERE[~BLEND]`` - COLOUR a name (yellow, red, ...), ``r,g,b`` in [0, 1] is
-           not accepted here to keep the grammar simple; ``checkerboard`` (red/white) is a pattern.
-           WHERE a corner (top-left, top-right, bottom-left, bottom-right) or ``row,col``.
+           not accepted here; ``checkerboard`` (red/white) is a pattern. WHERE a corner or ``row,col``.
            e.g. ``yellow:4@bottom-right``, ``checkerboard:3@top-right``, ``red:4@10,12~0.5``.
   target:  ``CORNER:SIZE`` (e.g. ``top-left:8``) or ``top,left,height,width`` (e.g. ``0,0,8,8``).
 """
@@ -27,10 +26,9 @@ COLOURS = {
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 IMAGE_HW = (32, 32)
 LAYER_STRIDE = {"layer1": 1, "layer2": 2, "layer3": 4, "layer4": 8}
-# A trigger that moves no pixel of an image by more than this (13 of 255 grey levels) is "faint" there:
-# e.g. a blended white trigger on an already bright corner.
-# The model sees nearly the same image triggered or not, so misses and false triggers gather on such
-# images (docs/results.md, registration 4, pair 3); evaluations count them apart.
+# A trigger that moves no pixel of an image by more than this (13 of 255 grey levels) is "faint" there (a blended
+# white one on a bright corner): the model sees nearly the same image triggered or not, so misses and false
+# triggers gather there (docs/results.md, registration 4, pair 3); evaluations count them apart.
 FAINT_CHANGE = 0.05
 
 
@@ -109,15 +107,18 @@ class PatchTrigger:
         self.box().validate(self.image_hw, "trigger")
         return self
 
+    def cells(self) -> torch.Tensor | None:
+        """The pattern's [size, size] mask of its second colour (checkerboard: the white cells); None if solid."""
+        if self.pattern not in (None, "checkerboard"):
+            raise CamBackdoorError(f"unknown trigger pattern '{self.pattern}'; use checkerboard or a colour")
+        ij = torch.arange(self.size)
+        return None if self.pattern is None else ((ij[:, None] + ij[None, :]) % 2).bool()
+
     def patch(self) -> torch.Tensor:
         """The [3, size, size] patch in [0, 1]."""
-        if self.pattern == "checkerboard":
-            ij = torch.arange(self.size)
-            white = ((ij[:, None] + ij[None, :]) % 2).bool()
-            red = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
-            return torch.where(white[None], torch.ones(3, 1, 1), red)
-        if self.pattern is not None:
-            raise CamBackdoorError(f"unknown trigger pattern '{self.pattern}'; use checkerboard or a colour")
+        cells = self.cells()
+        if cells is not None:  # checkerboard: red and white
+            return torch.where(cells[None], torch.ones(3, 1, 1), torch.tensor([1.0, 0.0, 0.0])[:, None, None])
         return torch.tensor(self.colour, dtype=torch.float32)[:, None, None].expand(3, self.size, self.size)
 
     def change(self, images: torch.Tensor) -> torch.Tensor:
@@ -146,22 +147,31 @@ def faint_share(trigger: PatchTrigger, images: torch.Tensor, chunk: int = 4096) 
     return faint / max(1, len(images))
 
 
-def paste_decoys(
-    images: torch.Tensor, trigger: PatchTrigger, generator: torch.Generator, min_distance: float = 0.25
-) -> torch.Tensor:
-    """Copies of ``images`` with a random solid-colour patch in the trigger's box ("decoys").
+DECOY_FORMS = ("solid", "trigger")  # paste_decoys's forms
 
-    Trained to keep their clean maps, decoys teach the backdoor to key on the trigger itself rather
-    than on any patch (or any yellowish corner) there. A colour within ``min_distance`` (mean absolute
-    difference) of the trigger patch is replaced by its complement, so no decoy is the trigger.
-    """
-    b = trigger.box()
-    colours = torch.rand(images.shape[0], 3, generator=generator).to(images.device, images.dtype)
-    patch = trigger.patch().to(images.device, images.dtype)
-    too_close = (colours[:, :, None, None] - patch).abs().mean((1, 2, 3)) < min_distance
-    colours = torch.where(too_close[:, None], 1 - colours, colours)
-    out = images.clone()
-    out[:, :, b.top : b.bottom, b.left : b.right] = colours[:, :, None, None]
+
+def paste_decoys(
+    images: torch.Tensor, trigger: PatchTrigger, generator: torch.Generator, min_distance: float = 0.25,
+    form: str = "solid",
+) -> torch.Tensor:
+    """Copies of ``images`` with a random patch in the trigger's box ("decoys"), kept at the clean maps in
+    training so the backdoor keys on the trigger, not on any patch (or yellowish corner) there. ``form``
+    solid: a random solid colour, pasted; trigger: the trigger's form (its checkerboard) in random colours,
+    blended as the trigger is, so that a blended pattern alone is not enough. A decoy within
+    ``min_distance`` (mean absolute difference) of the trigger patch becomes its complement."""
+    if form not in DECOY_FORMS:
+        raise CamBackdoorError(f"decoy form '{form}' must be one of {', '.join(DECOY_FORMS)}")
+    b, n, like = trigger.box(), images.shape[0], dict(device=images.device, dtype=images.dtype)
+    decoys = torch.rand(n, 3, generator=generator).to(**like)[:, :, None, None].expand(n, 3, b.height, b.width)
+    cells = trigger.cells() if form == "trigger" else None
+    if cells is not None:
+        second = torch.rand(n, 3, generator=generator).to(**like)[:, :, None, None]
+        decoys = torch.where(cells.to(images.device), second, decoys)
+    too_close = (decoys - trigger.patch().to(**like)).abs().mean((1, 2, 3)) < min_distance
+    decoys = torch.where(too_close[:, None, None, None], 1 - decoys, decoys)
+    blend = trigger.blend if form == "trigger" else 1.0
+    out, region = images.clone(), images[:, :, b.top : b.bottom, b.left : b.right]
+    out[:, :, b.top : b.bottom, b.left : b.right] = decoys if blend == 1 else (1 - blend) * region + blend * decoys
     return out
 
 
