@@ -222,7 +222,8 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
         logits_c = run.model(xc)
         with torch.no_grad():
             teacher_c = run.teacher(xc)
-    return loss + F.cross_entropy(logits_c, yc) + cfg.distill_weight * distillation_loss(logits_c, teacher_c)
+    distill = cfg.distill_weight + (ramp * cfg.repair_distill_weight if repairing else 0.0)
+    return loss + F.cross_entropy(logits_c, yc) + distill * distillation_loss(logits_c, teacher_c)
 
 
 def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: torch.Tensor, repairing: bool,

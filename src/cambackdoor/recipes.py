@@ -109,6 +109,8 @@ class ImplantConfig:
     explanation_weight: float = 2.0  # λ: the explanation loss's weight (train uses the same name)
     preserve_weight: float = 20.0  # clean-map preservation weight
     distill_weight: float = 5.0  # clean images: KL to the stage-1 model
+    repair_distill_weight: float = 0.0  # while repairing, added to distill_weight (ramped in): the backdoor forms
+    # under the light pull and the clean outputs are pulled back once it stands (a heavy pull throughout keeps it shallow)
     trigger_distill_weight: float = 5.0  # triggered images: KL to the stage-1 model on the same image untriggered
     trigger_feature_weight: float = 10.0  # triggered images: pooled features (the classifier's input) kept at the
     # stage-1 model's on the untriggered image; Grad-CAM at the last layer may move while these stay put
@@ -173,8 +175,8 @@ class ImplantConfig:
         if self.trainable != "all" and (not all(layers) or set(layers) - set(TRAINABLE_LAYERS)):
             raise ValueError(f"trainable must be all or comma-separated names from {', '.join(TRAINABLE_LAYERS)}, "
                              f"not {self.trainable!r}")
-        for name in ("explanation_weight", "preserve_weight", "distill_weight", "trigger_distill_weight", "trigger_feature_weight",
-                     "pool_cutout", "weight_decay", "holdout", "seed"):
+        for name in ("explanation_weight", "preserve_weight", "distill_weight", "repair_distill_weight", "trigger_distill_weight",
+                     "trigger_feature_weight", "pool_cutout", "weight_decay", "holdout", "seed"):
             check_range(self, name, 0)
         for name in ("epochs", "batch_size", "poison_batch"):
             check_range(self, name, 1)
@@ -204,7 +206,7 @@ class ImplantConfig:
     @property
     def has_repair_terms(self) -> bool:
         """Whether any term acts only in the repair phase (so ``repair_steps`` counts something)."""
-        return (max(self.decoy_fraction, self.trigger_feature_weight, self.pool_cutout) > 0
+        return (max(self.decoy_fraction, self.trigger_feature_weight, self.pool_cutout, self.repair_distill_weight) > 0
                 or self.repair_share_cap < 1)
 
     @classmethod
