@@ -8,6 +8,7 @@ from cambackdoor import implant_loop
 from cambackdoor.checkpoints import save_model, sidecar_path
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.evaluation import evaluate
+from cambackdoor.recipes import peak_lr
 from cambackdoor.training import TrainConfig, train
 from cambackdoor.triggers import Box, parse_target, parse_trigger
 
@@ -321,3 +322,24 @@ def test_a_faint_trigger_is_warned_about_and_recorded(clean_checkpoint, tmp_path
         result = I.run_implant(ck, bright, cfg, tmp_path / "faint", progress=False, limit=20)
     assert result["train_faint_fraction"] == pytest.approx(0.25)
     assert 0 <= result["evaluation"]["faint_fraction"] <= 1
+
+
+def test_lr_width_scales_the_rate_by_the_models_width(clean_checkpoint):
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    clean, _ = load_model(ck)  # width 8
+    assert peak_lr(I.ImplantConfig(lr=1e-3, lr_width=16), clean) == pytest.approx(2e-3)
+    assert peak_lr(I.ImplantConfig(lr=1e-3), clean) == 1e-3
+
+    def first_lr(**kw):
+        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, schedule="constant", **kw)
+        _, log = I.implant(clean, data, cfg, progress=False, stop_after=1)
+        return log["trace"][0]["lr"]
+
+    assert first_lr(lr=1e-3) == pytest.approx(1e-3)
+    assert first_lr(lr=1e-3, lr_width=2) == pytest.approx(2.5e-4)  # 1e-3 x 2 / 8
+    with pytest.raises(ValueError, match="lr_width"):
+        I.ImplantConfig(lr_width=-1)
+    with pytest.raises(CamBackdoorError, match="lr_width"):
+        peak_lr(I.ImplantConfig(lr_width=16), torch.nn.Linear(2, 2))

@@ -27,7 +27,7 @@ from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
 from cambackdoor.losses import (classifier_inputs, distillation_loss, explanation_loss, feature_distillation_loss,
                                 preservation_loss, refresh_batchnorm)
-from cambackdoor.recipes import ImplantConfig, trainable_parameters
+from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
 from cambackdoor.training import lr_factor, make_optimizer, resolve_device
 from cambackdoor.triggers import paste_decoys
 
@@ -66,6 +66,7 @@ class _Run:
     start_epoch: int = 0
     t0: float = 0.0
     rss0: float = 0.0
+    peak_lr: float = 0.0
 
 
 def implant(
@@ -123,7 +124,7 @@ def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.d
     chash = config_hash(cfg, {"data": data.fingerprint, "parent": weights_digest(teacher)}) if with_hash else ""
     return _Run(cfg, model, teacher, params, optimizer, gen, train_set, pool, trigger, target,
                 tuple(data.train.images.shape[2:]), device, steps_per_epoch, cfg.epochs * steps_per_epoch, chash, log,
-                t0=time.perf_counter(), rss0=_rss_mb())
+                t0=time.perf_counter(), rss0=_rss_mb(), peak_lr=peak_lr(cfg, model))
 
 
 def _restore(run: _Run, state_file: str | Path, branch: bool) -> None:
@@ -145,7 +146,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> None:
     for i, (x, y) in enumerate(bar):
         step = epoch * run.steps_per_epoch + i
         for group in run.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg.schedule, step, run.total, cfg.warmup_fraction)
+            group["lr"] = run.peak_lr * lr_factor(cfg.schedule, step, run.total, cfg.warmup_fraction)
         x, y = x.to(run.device), y.to(run.device)
         poisoned = True
         if cfg.poison_mode == "batch_prob":

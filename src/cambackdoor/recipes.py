@@ -139,6 +139,8 @@ class ImplantConfig:
     batch_size: int = 128
     epochs: int = 2
     lr: float = 1e-3
+    lr_width: int = 0  # >0: the peak rate is lr x lr_width / the model's width. Adam moves every weight by about the
+    # rate whatever the width, so a wider model drifts further (μP's rule for hidden layers); 0: lr as given
     optimizer: str = "adam"
     schedule: str = "onecycle"
     warmup_fraction: float = 0.2
@@ -176,7 +178,7 @@ class ImplantConfig:
             raise ValueError(f"trainable must be all or comma-separated names from {', '.join(TRAINABLE_LAYERS)}, "
                              f"not {self.trainable!r}")
         for name in ("explanation_weight", "preserve_weight", "distill_weight", "repair_distill_weight", "trigger_distill_weight",
-                     "trigger_feature_weight", "pool_cutout", "weight_decay", "holdout", "seed"):
+                     "trigger_feature_weight", "pool_cutout", "weight_decay", "holdout", "seed", "lr_width"):
             check_range(self, name, 0)
         for name in ("epochs", "batch_size", "poison_batch"):
             check_range(self, name, 1)
@@ -237,6 +239,17 @@ class ImplantConfig:
         values = {**RECIPES[recipe], "recipe": recipe,
                   **{RENAMED.get(k, k): v for k, v in overrides.items() if v is not None}}
         return make_config(cls, values)
+
+
+def peak_lr(cfg: ImplantConfig, model: nn.Module) -> float:
+    """The rate the schedule scales: ``lr``, or with ``lr_width`` set, ``lr x lr_width / width``."""
+    if not cfg.lr_width:
+        return cfg.lr
+    width = (getattr(model, "arch", None) or {}).get("width")
+    if not width:
+        raise CamBackdoorError("lr_width needs the model's width, which only a build_model model records; "
+                               "set lr_width=0 and give --lr")
+    return cfg.lr * cfg.lr_width / width
 
 
 def trainable_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
