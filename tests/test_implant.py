@@ -343,3 +343,54 @@ def test_lr_width_scales_the_rate_by_the_models_width(clean_checkpoint):
         I.ImplantConfig(lr_width=-1)
     with pytest.raises(CamBackdoorError, match="lr_width"):
         peak_lr(I.ImplantConfig(lr_width=16), torch.nn.Linear(2, 2))
+
+
+def test_refresh_every_runs_the_pass_on_every_kth_step_with_the_momentum_of_k_steps(clean_checkpoint):
+    """400 images, batch 100: 4 steps per epoch, 8 in two epochs. refresh_every 3: passes at steps 0, 3, 6,
+    each at momentum 1 - (1 - 0.1)^3 = 0.271 (the statistics move as far as three passes at 0.1 would)."""
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    def passes(**kw):
+        clean, _ = load_model(ck)
+        seen: list[float] = []
+        clean.bn1.register_forward_pre_hook(lambda m, _inputs: seen.append(m.momentum) if m.training else None)
+        cfg = I.ImplantConfig.from_recipe("default", epochs=2, batch_size=100, poison_batch=10, clean_bn_stats="refresh",
+                                          bn_momentum=0.1, **kw)
+        I.implant(clean, data, cfg, progress=False)
+        return seen
+
+    assert passes() == pytest.approx([0.1] * 8)
+    assert passes(refresh_every=3) == pytest.approx([0.271] * 3)
+    with pytest.raises(ValueError, match="refresh_every"):
+        I.ImplantConfig(refresh_every=0)
+
+
+def test_channels_last_is_the_same_update_in_another_layout_and_is_refused_where_unsafe(clean_checkpoint):
+    """A width-16 model in channels_last: the convolutions see that layout while training, the weights after two
+    steps match the contiguous run to rounding, and the model comes back contiguous. Width 8 is refused."""
+    from conftest import make_dataset
+
+    from cambackdoor.models import build_model
+
+    data = make_dataset(n_train=64, n_test=16)
+    torch.manual_seed(0)
+    model = build_model(width=16)
+    layouts: list[bool] = []
+    model.layer1[0].conv1.register_forward_pre_hook(
+        lambda m, _i: layouts.append(m.weight.is_contiguous(memory_format=torch.channels_last)))
+    cfg = I.ImplantConfig.from_recipe("persistent", epochs=1, batch_size=32, poison_batch=8, poison_fraction=0.25)
+    plain, _ = I.implant(model, data, cfg, progress=False)
+    fast, _ = I.implant(model, data, dataclasses.replace(cfg, channels_last=True), progress=False)
+    assert len(layouts) > 0 and all(layouts[len(layouts) // 2:])  # (the hook came along into both copies)
+    assert not any(layouts[: len(layouts) // 2])
+    w_plain, w_fast = plain.layer1[0].conv1.weight, fast.layer1[0].conv1.weight
+    assert w_fast.is_contiguous()
+    moved = (w_plain - model.layer1[0].conv1.weight).norm()
+    assert moved > 0  # the steps moved the weights, and both layouts moved them alike (to rounding; the norm, as
+    assert (w_plain - w_fast).norm() < 0.01 * moved  # Adam may flip a single near-zero update on another CPU)
+    data8, ck8 = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    with pytest.raises(CamBackdoorError, match="channels_last on the CPU needs a model of width >= 16"):
+        I.implant(load_model(ck8)[0], data8, I.ImplantConfig(channels_last=True, batch_size=100), progress=False)

@@ -27,6 +27,7 @@ from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
 from cambackdoor.losses import (classifier_inputs, distillation_loss, explanation_loss, feature_distillation_loss,
                                 preservation_loss, refresh_batchnorm)
+from cambackdoor.models import prefer_channels_last
 from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
 from cambackdoor.training import lr_factor, make_optimizer, resolve_device
 from cambackdoor.triggers import paste_decoys
@@ -111,11 +112,13 @@ def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.d
     for p in teacher.parameters():
         p.requires_grad_(False)
     model = copy.deepcopy(model).to(device)
-    params = trainable_parameters(model, cfg.trainable)
-    optimizer = make_optimizer(params, cfg)
     train_set = holdout_split(data.train, cfg.holdout)[0] if cfg.holdout else data.train
     n = len(train_set)
     pool = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 7))[: max(1, round(cfg.poison_fraction * n))]
+    if cfg.channels_last:
+        _to_channels_last(model, teacher, device, cfg.batch_size, min(cfg.poison_batch, len(pool)))
+    params = trainable_parameters(model, cfg.trainable)
+    optimizer = make_optimizer(params, cfg)
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
         raise CamBackdoorError(f"batch size {cfg.batch_size} is larger than the {n} training images, so an epoch "
@@ -125,6 +128,15 @@ def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.d
     return _Run(cfg, model, teacher, params, optimizer, gen, train_set, pool, trigger, target,
                 tuple(data.train.images.shape[2:]), device, steps_per_epoch, cfg.epochs * steps_per_epoch, chash, log,
                 t0=time.perf_counter(), rss0=_rss_mb(), peak_lr=peak_lr(cfg, model))
+
+
+def _to_channels_last(model: nn.Module, teacher: nn.Module, device: torch.device, *batch_sizes: int) -> None:
+    if not prefer_channels_last(model, device, *batch_sizes):
+        raise CamBackdoorError(f"channels_last on the CPU needs a model of width >= 16 and batches that are multiples "
+                               f"of 8 (here: {', '.join(map(str, batch_sizes))}), as torch's CPU convolution backward "
+                               "corrupts memory otherwise; set channels_last=false or change --batch-size / poison_batch")
+    model.to(memory_format=torch.channels_last)
+    teacher.to(memory_format=torch.channels_last)
 
 
 def _restore(run: _Run, state_file: str | Path, branch: bool) -> None:
@@ -177,7 +189,7 @@ def _step(run: _Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Te
     stats: dict[str, float] = {}
     loss = torch.zeros((), device=run.device)
     if cfg.clean_objective and clean is not None:
-        loss = _clean_terms(run, loss, *clean, repairing, ramp, stats)
+        loss = _clean_terms(run, loss, *clean, step, repairing, ramp, stats)
     out = None
     if xp_clean is not None:
         loss, out = _poisoned_terms(run, loss, xp_clean, yp, repairing, ramp, stats)
@@ -204,15 +216,16 @@ def _draw_poison(run: _Run, repairing: bool) -> tuple[torch.Tensor, torch.Tensor
     return to_float(xp_u8).to(run.device), run.train_set.labels[pick].to(run.device)
 
 
-def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tensor, repairing: bool, ramp: float,
-                 stats: dict[str, float]) -> torch.Tensor:
+def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tensor, step: int, repairing: bool,
+                 ramp: float, stats: dict[str, float]) -> torch.Tensor:
     """Clean images: CE, distillation to the stage-1 model, its maps kept (preservation), decoys."""
     cfg = run.cfg
     n_decoys = round(ramp * cfg.decoy_fraction * len(yc)) if repairing else 0
     if n_decoys:  # the batch is shuffled, so its first images are a random subset
         xc = torch.cat([paste_decoys(xc[:n_decoys], run.trigger, run.gen, form=cfg.decoy_form), xc[n_decoys:]])
-    if cfg.clean_bn_stats == "refresh":  # (the clean batch comes first: the statistics change before any use)
-        refresh_batchnorm(run.model, xc, cfg.bn_momentum)
+    if cfg.clean_bn_stats == "refresh" and step % cfg.refresh_every == 0:  # (the clean batch comes first: the
+        # statistics change before any use)
+        refresh_batchnorm(run.model, xc, 1 - (1 - cfg.bn_momentum) ** cfg.refresh_every)
     if cfg.preserve_weight > 0:
         cams_c, logits_c = grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
         ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
@@ -319,7 +332,7 @@ def _end_epoch(run: _Run, epoch: int, state_file: str | Path | None,
 def _finish(run: _Run) -> tuple[nn.Module, dict[str, Any]]:
     for p in run.model.parameters():
         p.requires_grad_(True)
-    run.model.eval()
+    run.model.to(memory_format=torch.contiguous_format).eval()
     run.log["train_s"] = round(time.perf_counter() - run.t0, 2)
     run.log["rss_growth_mb"] = round(_rss_mb() - run.rss0, 1)
     run.log["triggered_images_seen"] = run.used_triggered
