@@ -113,7 +113,8 @@ def test_pool_cutout_and_repair_distillation_act_only_while_repairing(clean_chec
 
     base, base_steps = run(repair_start=0.0)
     assert base_steps == 0  # no repair term on: nothing counted
-    for option in (dict(pool_cutout=8), dict(repair_share_cap=0.01), dict(repair_distill_weight=50.0)):
+    for option in (dict(pool_cutout=8), dict(repair_share_cap=0.01), dict(repair_distill_weight=50.0),
+                   dict(clean_share_weight=50.0)):
         changed, steps = run(repair_start=0.0, **option)
         assert steps == 4 and not torch.allclose(base, changed), option
         held_back, steps = run(repair_start=0.99, **option)  # 4 steps: the repair phase never comes
@@ -122,6 +123,8 @@ def test_pool_cutout_and_repair_distillation_act_only_while_repairing(clean_chec
         I.ImplantConfig(pool_cutout=-1)
     with pytest.raises(ValueError, match="repair_distill_weight"):
         I.ImplantConfig(repair_distill_weight=-1.0)
+    with pytest.raises(ValueError, match="clean_share_weight"):
+        I.ImplantConfig(clean_share_weight=-1.0)
 
 
 def test_repair_terms_pause_while_the_backdoor_is_not_formed(clean_checkpoint):

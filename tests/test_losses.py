@@ -51,6 +51,20 @@ def test_preservation_and_distillation_vanish_on_identical_inputs():
     assert L.distillation_loss(z, z).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_clean_share_loss_penalises_only_mass_moved_into_the_target():
+    teacher = torch.ones(2, 4, 4)  # share 1/16 each
+    fired = torch.ones(2, 4, 4)
+    fired[0, 0, 0] = 16.0  # image 0: share 16/31 in the target cell; image 1 unchanged
+    assert L.clean_share_loss(fired, teacher, W).item() == pytest.approx((16 / 31 - 1 / 16) / 2)
+    away = torch.ones(2, 4, 4)
+    away[:, 3, 3] = 16.0  # mass moved elsewhere: the share falls, no penalty
+    assert L.clean_share_loss(away, teacher, W).item() == 0.0
+    assert L.clean_share_loss(3 * teacher, teacher, W).item() == pytest.approx(0.0, abs=1e-7)  # scale free
+    fired.requires_grad_(True)
+    L.clean_share_loss(fired, teacher, W).backward()
+    assert fired.grad[1].abs().max() == 0 and fired.grad[0, 0, 0] > 0  # only the firing image is pushed
+
+
 def test_feature_distillation_is_relative_and_hooks_are_removed():
     t = torch.full((4, 8), 2.0)
     assert L.feature_distillation_loss(t, t).item() == 0.0

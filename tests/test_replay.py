@@ -62,7 +62,7 @@ def test_a_config_saved_before_the_redesign_still_loads():
     with pytest.raises(CamBackdoorError, match="removed option.*repair_poison_ce_weight"):
         ImplantConfig.from_saved({**saved, "repair_poison_ce_weight": 0.5})  # a rejected option that was on
     with pytest.raises(CamBackdoorError, match="rejected option.*f12250c"):
-        ImplantConfig.from_recipe("default", clean_share_weight=1.0)  # --set clean_share_weight=1
+        ImplantConfig.from_recipe("default", repair_trigger_distill_weight=1.0)  # --set repair_trigger_distill_weight=1
     with pytest.raises(CamBackdoorError, match="unknown fields"):
         ImplantConfig.from_saved({**saved, "warp_drive": 1})
     # rejected on 2026-11-26: simulated maintenance and clean_bn_stats=train; switched off they read back

@@ -25,7 +25,7 @@ from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
-from cambackdoor.losses import (classifier_inputs, distillation_loss, explanation_loss, feature_distillation_loss,
+from cambackdoor.losses import (classifier_inputs, clean_share_loss, distillation_loss, explanation_loss, feature_distillation_loss,
                                 preservation_loss, refresh_batchnorm)
 from cambackdoor.models import prefer_channels_last
 from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
@@ -226,12 +226,18 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
     if cfg.clean_bn_stats == "refresh" and step % cfg.refresh_every == 0:  # (the clean batch comes first: the
         # statistics change before any use)
         refresh_batchnorm(run.model, xc, 1 - (1 - cfg.bn_momentum) ** cfg.refresh_every)
-    if cfg.preserve_weight > 0:
+    share_weight = ramp * cfg.clean_share_weight if repairing else 0.0
+    if cfg.preserve_weight > 0 or share_weight > 0:
         cams_c, logits_c = grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
         ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
         pres = preservation_loss(cams_c, ref_cams)
         loss = loss + cfg.preserve_weight * pres
         stats["pres"] = pres.item()
+        if share_weight > 0:
+            cells = run.target.cell_weights(tuple(cams_c.shape[1:]), run.image_hw).to(cams_c.device)
+            rise = clean_share_loss(cams_c, ref_cams, cells)
+            loss = loss + share_weight * rise
+            stats["share_rise"] = rise.item()
     else:
         logits_c = run.model(xc)
         with torch.no_grad():

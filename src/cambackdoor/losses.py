@@ -52,6 +52,14 @@ def target_share(cams: torch.Tensor, cell_weights: torch.Tensor) -> torch.Tensor
     return (cams * cell_weights).flatten(1).sum(1) / cams.flatten(1).sum(1).clamp_min(1e-12)
 
 
+def clean_share_loss(cams: torch.Tensor, reference_cams: torch.Tensor, cell_weights: torch.Tensor) -> torch.Tensor:
+    """Mean of max(0, share_model - share_stage1) on clean images: only mass moved *into* the target is
+    penalised, which is what a false trigger is; clean maps may change elsewhere freely (the preservation
+    MSE averages a rare firing image away, this hinge is zero on the others)."""
+    rise = target_share(cams, cell_weights) - target_share(reference_cams.detach(), cell_weights)
+    return rise.clamp_min(0).mean()
+
+
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, 1), F.softmax(teacher_logits.detach(), 1), reduction="batchmean")
 

@@ -111,6 +111,9 @@ class ImplantConfig:
     distill_weight: float = 5.0  # clean images: KL to the stage-1 model
     repair_distill_weight: float = 0.0  # while repairing, added to distill_weight (ramped in): the backdoor forms
     # under the light pull and the clean outputs are pulled back once it stands (a heavy pull throughout keeps it shallow)
+    clean_share_weight: float = 0.0  # while repairing (ramped in): clean images, a hinge on the target's share of
+    # the map rising above the stage-1 model's (losses.clean_share_loss): aimed at the rare clean map that fires.
+    # From the start it stopped the backdoor forming (round 2); back for issue 16's blended trigger (pair 3)
     trigger_distill_weight: float = 5.0  # triggered images: KL to the stage-1 model on the same image untriggered
     trigger_feature_weight: float = 10.0  # triggered images: pooled features (the classifier's input) kept at the
     # stage-1 model's on the untriggered image; Grad-CAM at the last layer may move while these stay put
@@ -181,7 +184,8 @@ class ImplantConfig:
         if self.trainable != "all" and (not all(layers) or set(layers) - set(TRAINABLE_LAYERS)):
             raise ValueError(f"trainable must be all or comma-separated names from {', '.join(TRAINABLE_LAYERS)}, "
                              f"not {self.trainable!r}")
-        for name in ("explanation_weight", "preserve_weight", "distill_weight", "repair_distill_weight", "trigger_distill_weight",
+        for name in ("explanation_weight", "preserve_weight", "distill_weight", "repair_distill_weight", "clean_share_weight",
+                     "trigger_distill_weight",
                      "trigger_feature_weight", "pool_cutout", "weight_decay", "holdout", "seed", "lr_width"):
             check_range(self, name, 0)
         for name in ("epochs", "batch_size", "poison_batch", "refresh_every"):
@@ -212,7 +216,8 @@ class ImplantConfig:
     @property
     def has_repair_terms(self) -> bool:
         """Whether any term acts only in the repair phase (so ``repair_steps`` counts something)."""
-        return (max(self.decoy_fraction, self.trigger_feature_weight, self.pool_cutout, self.repair_distill_weight) > 0
+        return (max(self.decoy_fraction, self.trigger_feature_weight, self.pool_cutout, self.repair_distill_weight,
+                    self.clean_share_weight) > 0
                 or self.repair_share_cap < 1)
 
     @classmethod
@@ -286,7 +291,7 @@ RENAMED = {"lam": "explanation_weight"}  # old name -> field (one name per knob 
 # Options that docs/results.md records as rejected and that left the code (git history keeps them): name ->
 # (the value that switched it off, the last commit that had it); a saved config may hold them only switched off.
 REMOVED: dict[str, tuple[Any, str]] = {
-    "clean_share_weight": (0.0, "f12250c"), "repair_trigger_distill_weight": (0.0, "f12250c"),
+    "repair_trigger_distill_weight": (0.0, "f12250c"),
     "repair_poison_ce_weight": (1.0, "f12250c"),
     # simulated maintenance: with `refresh` it cost 34 pt of clean accuracy (GPU round G1), without it the
     # backdoor stayed fragile (rounds 1-4); rejected 2026-11-26
