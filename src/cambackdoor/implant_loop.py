@@ -25,8 +25,8 @@ from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
-from cambackdoor.losses import (classifier_inputs, clean_share_loss, distillation_loss, explanation_loss, feature_distillation_loss,
-                                preservation_loss, refresh_batchnorm)
+from cambackdoor.losses import (classifier_inputs, clean_share_loss, distillation_loss, explanation_loss,
+                                feature_distillation_loss, preservation_loss, refresh_batchnorm)
 from cambackdoor.models import prefer_channels_last
 from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
 from cambackdoor.training import lr_factor, make_optimizer, resolve_device

@@ -185,8 +185,8 @@ class ImplantConfig:
             raise ValueError(f"trainable must be all or comma-separated names from {', '.join(TRAINABLE_LAYERS)}, "
                              f"not {self.trainable!r}")
         for name in ("explanation_weight", "preserve_weight", "distill_weight", "repair_distill_weight", "clean_share_weight",
-                     "trigger_distill_weight",
-                     "trigger_feature_weight", "pool_cutout", "weight_decay", "holdout", "seed", "lr_width"):
+                     "trigger_distill_weight", "trigger_feature_weight", "pool_cutout", "weight_decay", "holdout", "seed",
+                     "lr_width"):
             check_range(self, name, 0)
         for name in ("epochs", "batch_size", "poison_batch", "refresh_every"):
             check_range(self, name, 1)
