@@ -3,7 +3,10 @@ seeds that have it, with the seeds' values. Reads what the GPU rounds bring back
 audit finished, audit/audit.json); a run whose audit was cut still gives its implant's numbers. The clean
 drop is against the stage-1 model's held-out accuracy (the audits' "reference (stage 1)" row).
 
-Usage: python benchmarks/collect_groups16.py runs/g4/w16 [runs/g4/w64 ...]
+Usage: python benchmarks/collect_groups16.py [--pooled] runs/g4/w16 [runs/g4/w64 ...]
+--pooled: two more columns, the clean drop and the ASR after one fine-tuning epoch pooled over the group's seeds
+with a 95 % interval (``stats.pooled``: seeds, then images), as the acceptance reads them; it needs every audit's
+audit/outcomes.safetensors (the GPU rounds bring them back since the twelfth session).
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from safetensors.torch import load_file
+
+from cambackdoor import stats
+
 
 def cell(values: list[float]) -> str:
     if not values:
@@ -22,10 +29,27 @@ def cell(values: list[float]) -> str:
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({' / '.join(f'{v:.2f}' for v in values)})"
 
 
-def main(roots: list[Path]) -> None:
+def pooled_cells(members: list[Path]) -> list[str]:
+    """The clean drop (pt) and the ASR after one fine-tuning epoch (%), pooled over seeds and images."""
+    files = [p / "audit" / "outcomes.safetensors" for p in members]
+    if not all(f.exists() for f in files):
+        return ["-", "-"]
+    out = [load_file(str(f)) for f in files]
+    drop = stats.pooled([o["reference (stage 1)/clean_correct"] - o["model/clean_correct"] for o in out])
+    cells = [f"{100 * drop['value']:.2f} [{100 * drop['lo']:.2f}, {100 * drop['hi']:.2f}]"]
+    if all("finetune-1/success" in o for o in out):
+        ft = stats.pooled([o["finetune-1/success"] for o in out])
+        cells.append(f"{100 * ft['value']:.2f} [{100 * ft['lo']:.2f}, {100 * ft['hi']:.2f}]")
+    else:
+        cells.append("-")
+    return cells
+
+
+def main(roots: list[Path], pooled: bool = False) -> None:
+    extra = " clean drop pt, pooled [95 %] | ASR after 1 FT epoch %, pooled [95 %] |" if pooled else ""
     print("| recipe | seeds | clean drop pt | ASR % | false triggers % | triggered − clean pt | ASR after BN re-est. % "
-          "| ASR after 1 FT epoch % |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ASR after 1 FT epoch % |" + extra)
+    print("|---" * (8 + 2 * pooled) + "|")
     for root in roots:
         runs = sorted(p for p in root.iterdir() if (p / "implant.json").exists())
         audits = {p.name: {r["name"]: r for r in json.loads((p / "audit" / "audit.json").read_text())["rows"]}
@@ -50,8 +74,10 @@ def main(roots: list[Path]) -> None:
                     if row in a:
                         col[key].append(100 * a[row]["asr"]["value"])
             print(f"| {root.name}/{name} | {len(members)} | " + " | ".join(
-                cell(col[k]) for k in ("drop", "asr", "false", "gap", "bn", "ft1")) + " |")
+                cell(col[k]) for k in ("drop", "asr", "false", "gap", "bn", "ft1")) + " |"
+                + ("".join(f" {c} |" for c in pooled_cells(members)) if pooled else ""))
 
 
 if __name__ == "__main__":
-    main([Path(a) for a in sys.argv[1:]] or [Path("runs/tune16")])
+    args = sys.argv[1:]
+    main([Path(a) for a in args if a != "--pooled"] or [Path("runs/tune16")], pooled="--pooled" in args)

@@ -5,7 +5,8 @@
 #   width 64 (round G3): bash benchmarks/gpu_g3.sh "$OUT"
 # QUEUE_FILE: one "NAME|IMPLANT FLAGS" per line, most wanted first; a worker takes the next line until
 # DEADLINE_S seconds have passed (then none is started). Each finished run's JSON files are packed into
-# OUT_DIR/results.tar.gz every 20 s (so a run killed at its limit still returns what finished);
+# OUT_DIR/results.tar.gz every 20 s (so a run killed at its limit still returns what finished), with each audit's
+# per-image outcomes (~0.2 MB; benchmarks/collect_groups16.py --pooled needs them);
 # benchmarks/collect_tune16.py reads them once unpacked into runs/tune16/.
 # Needs CAMBACKDOOR_DATA (CIFAR-10 as an image-folder zip or folder) and src/ on PYTHONPATH.
 set -uo pipefail
@@ -32,7 +33,8 @@ one() {  # NAME|FLAGS: implant, then audit the defences on the held-out images
 }
 export -f one
 export HCK AUDIT_FT R START=$start DEADLINE=$deadline
-pack() { (cd "$(dirname "$R")" && find "$(basename "$R")" -name '*.json' -o -name '*.log' -o -name '*.jsonl' | tar -czf "$out/.results.tmp" -T - \
+pack() { (cd "$(dirname "$R")" && find "$(basename "$R")" -name '*.json' -o -name '*.log' -o -name '*.jsonl' \
+  -o -name outcomes.safetensors | tar -czf "$out/.results.tmp" -T - \
   && mv "$out/.results.tmp" "$out/results.tar.gz") 2>/dev/null; }
 ( while sleep 20; do pack; done ) & packer=$!
 grep -v '^\s*\(#\|$\)' "$queue" | tr '\n' '\0' | xargs -0 -P "$workers" -I{} bash -c 'one "$1"' _ {} | tee -a "$out/log.txt"
