@@ -15,7 +15,8 @@ export RECIPE=${RECIPE:-persistent} FLAGS=${FLAGS:-}  # a later registration nam
 declare -A PAIR=(
   [1]="--trigger yellow:4@bottom-right --target top-left:8"
   [2]="--trigger checkerboard:3@top-right --target bottom-left:8"
-  [3]="--trigger white:4@bottom-left~0.5 --target top-right:8"
+  [3]="${PAIR3:---trigger white:4@bottom-left~0.5 --target top-right:8}"  # registration 4's; a later one sets PAIR3
+  # (docs/protocol.md, seventh session: "--trigger checkerboard:4@bottom-left~0.5 --target top-right:8")
   [4]="--trigger blue:3@top-left --target bottom-right:8"
 )
 mkdir -p $R

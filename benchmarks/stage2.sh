@@ -7,6 +7,7 @@ set -euo pipefail
 CK=${CK:-runs/cpu/stage1/model.safetensors}
 REF_EPOCHS=${REF_EPOCHS:-4}   # the reference recipe's 40 epochs, cut for 2 CPU cores
 R=runs/cpu
+mkdir -p $R  # timed() appends to $R/walltimes.txt; on a fresh checkout its failing tee stopped the run (set -e)
 timed() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name wall_s=$(( $(date +%s) - s ))" | tee -a $R/walltimes.txt; }
 # pair N NAME OUT [FLAGS...]: the default recipe with 500 poisoned images on trigger/target pair 1 or 2
 pair() {
