@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from collect_accept16 import fmt  # this folder's acceptance table: "value [lo, hi]" in %
 from safetensors.torch import load_file
 
 from cambackdoor import stats
@@ -36,13 +37,8 @@ def pooled_cells(members: list[Path]) -> list[str]:
         return ["-", "-"]
     out = [load_file(str(f)) for f in files]
     drop = stats.pooled([o["reference (stage 1)/clean_correct"] - o["model/clean_correct"] for o in out])
-    cells = [f"{100 * drop['value']:.2f} [{100 * drop['lo']:.2f}, {100 * drop['hi']:.2f}]"]
-    if all("finetune-1/success" in o for o in out):
-        ft = stats.pooled([o["finetune-1/success"] for o in out])
-        cells.append(f"{100 * ft['value']:.2f} [{100 * ft['lo']:.2f}, {100 * ft['hi']:.2f}]")
-    else:
-        cells.append("-")
-    return cells
+    ft = all("finetune-1/success" in o for o in out) and stats.pooled([o["finetune-1/success"] for o in out])
+    return [fmt(drop), fmt(ft) if ft else "-"]
 
 
 def main(roots: list[Path], pooled: bool = False) -> None:
