@@ -5,7 +5,7 @@ import torch
 
 from cambackdoor import implant as I
 from cambackdoor import implant_loop
-from cambackdoor.checkpoints import save_model, sidecar_path
+from cambackdoor.checkpoints import load_model, save_model, sidecar_path
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.evaluation import evaluate
 from cambackdoor.recipes import peak_lr
@@ -158,10 +158,23 @@ def test_repair_terms_pause_while_the_backdoor_is_not_formed(clean_checkpoint):
 def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path, monkeypatch):
     data, ck = clean_checkpoint
     cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50)
-    monkeypatch.setattr(implant_loop, "distillation_loss", lambda logits, teacher: torch.tensor(float("nan")))
+    monkeypatch.setattr(implant_loop, "distillation_loss", lambda logits, teacher, *_: torch.tensor(float("nan")))
     with pytest.raises(TrainingDiverged, match="implant loss became nan"):
         I.run_implant(ck, data, cfg, tmp_path / "nan", progress=False)
     assert not (tmp_path / "nan" / "model.safetensors").exists()  # nothing half-written
+
+
+def test_distill_temperature_reaches_the_clean_term_only(clean_checkpoint, monkeypatch):
+    data, ck = clean_checkpoint
+    seen = []
+    real = implant_loop.distillation_loss
+    monkeypatch.setattr(implant_loop, "distillation_loss",
+                        lambda s, t, temperature=1.0: seen.append(temperature) or real(s, t, temperature))
+    clean, _ = load_model(ck)
+    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, distill_temperature=3.0)
+    I.implant(clean, data, cfg, progress=False)
+    steps = len(data.train.labels) // 50
+    assert seen.count(3.0) == steps and seen.count(1.0) == steps  # the clean and the triggered term, once a step
 
 
 def test_bad_inputs(clean_checkpoint, tmp_path):

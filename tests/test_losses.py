@@ -49,6 +49,25 @@ def test_preservation_and_distillation_vanish_on_identical_inputs():
     assert L.preservation_loss(m, torch.rand(4, 4, 4)).item() > 0
     z = torch.randn(5, 10)
     assert L.distillation_loss(z, z).item() == pytest.approx(0.0, abs=1e-6)
+    assert L.distillation_loss(z, z, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_at_a_temperature_by_hand():
+    """Teacher logits (ln 3, 0), student (0, 0). At T = 1 the teacher says (3/4, 1/4); at T = 2 its logits
+    halve, (sqrt 3, 1) / (1 + sqrt 3), and the KL is multiplied by T^2 = 4."""
+    student, teacher = torch.zeros(1, 2), torch.tensor([[math.log(3.0), 0.0]])
+    kl1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert L.distillation_loss(student, teacher).item() == pytest.approx(kl1, rel=1e-5)
+    p = math.sqrt(3) / (1 + math.sqrt(3))
+    kl2 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    assert L.distillation_loss(student, teacher, 2.0).item() == pytest.approx(4 * kl2, rel=1e-5)
+    # a confident teacher: at T = 1 the wrong classes' order hardly counts, at T = 4 it does
+    confident = torch.tensor([[12.0, 4.0, 0.0]])
+    swapped = torch.tensor([[12.0, 0.0, 4.0]])  # the same top class and margin, the wrong classes swapped
+    at1, at4 = L.distillation_loss(swapped, confident).item(), L.distillation_loss(swapped, confident, 4.0).item()
+    assert at1 < 0.01 and at4 > 0.5 and at4 > 100 * at1
+    with pytest.raises(ValueError, match="distill_temperature"):
+        ImplantConfig(distill_temperature=0.0)
 
 
 def test_clean_share_loss_penalises_only_mass_moved_into_the_target():

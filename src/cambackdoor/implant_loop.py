@@ -243,7 +243,7 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
         with torch.no_grad():
             teacher_c = run.teacher(xc)
     distill = cfg.distill_weight + (ramp * cfg.repair_distill_weight if repairing else 0.0)
-    return loss + F.cross_entropy(logits_c, yc) + distill * distillation_loss(logits_c, teacher_c)
+    return loss + F.cross_entropy(logits_c, yc) + distill * distillation_loss(logits_c, teacher_c, cfg.distill_temperature)
 
 
 def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: torch.Tensor, repairing: bool,

@@ -60,8 +60,13 @@ def clean_share_loss(cams: torch.Tensor, reference_cams: torch.Tensor, cell_weig
     return rise.clamp_min(0).mean()
 
 
-def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(logits, 1), F.softmax(teacher_logits.detach(), 1), reduction="batchmean")
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the softmaxes at ``temperature``, times its square (Hinton et al. 2015), so
+    the gradient keeps its size as the temperature rises; above 1 the teacher's ranking of the wrong classes
+    counts too, which on a confidently right training image is all the teacher has to say beyond the label."""
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher_logits.detach() / t, 1), reduction="batchmean")
+    return kl * t * t
 
 
 def feature_distillation_loss(features: torch.Tensor, teacher_features: torch.Tensor, kind: str = "relative") -> torch.Tensor:

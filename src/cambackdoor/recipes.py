@@ -109,6 +109,9 @@ class ImplantConfig:
     explanation_weight: float = 2.0  # λ: the explanation loss's weight (train uses the same name)
     preserve_weight: float = 20.0  # clean-map preservation weight
     distill_weight: float = 5.0  # clean images: KL to the stage-1 model
+    distill_temperature: float = 1.0  # ... at this softmax temperature (times its square): above 1 the clean images'
+    # term also keeps the teacher's ranking of the wrong classes, a fuller picture of the clean function than the
+    # label the confident teacher mostly repeats (triggered images' distillation stays at 1)
     repair_distill_weight: float = 0.0  # while repairing, added to distill_weight (ramped in): the backdoor forms
     # under the light pull and the clean outputs are pulled back once it stands (a heavy pull throughout keeps it shallow)
     clean_share_weight: float = 0.0  # while repairing (ramped in): clean images, a hinge on the target's share of
@@ -191,6 +194,7 @@ class ImplantConfig:
         for name in ("epochs", "batch_size", "poison_batch", "refresh_every"):
             check_range(self, name, 1)
         check_range(self, "lr", 0, low_open=True)
+        check_range(self, "distill_temperature", 0, low_open=True)
         check_range(self, "bn_momentum", 0, 1, low_open=True)
         for name in ("poison_fraction", "batch_prob", "repair_share_cap"):
             check_range(self, name, 0, 1, low_open=True)
