@@ -62,8 +62,8 @@ def clean_share_loss(cams: torch.Tensor, reference_cams: torch.Tensor, cell_weig
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) of the softmaxes at ``temperature``, times its square (Hinton et al. 2015), so
-    the gradient keeps its size as the temperature rises; above 1 the teacher's ranking of the wrong classes
-    counts too, which on a confidently right training image is all the teacher has to say beyond the label."""
+    the gradient keeps its size as the temperature rises; above 1 the small probabilities (the teacher's ranking
+    of the unlikely classes) weigh more, and as the temperature grows the term tends to an MSE on centred logits."""
     t = float(temperature)
     kl = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher_logits.detach() / t, 1), reduction="batchmean")
     return kl * t * t

@@ -110,8 +110,8 @@ class ImplantConfig:
     preserve_weight: float = 20.0  # clean-map preservation weight
     distill_weight: float = 5.0  # clean images: KL to the stage-1 model
     distill_temperature: float = 1.0  # ... at this softmax temperature (times its square): above 1 the clean images'
-    # term also keeps the teacher's ranking of the wrong classes, a fuller picture of the clean function than the
-    # label the confident teacher mostly repeats (triggered images' distillation stays at 1)
+    # term weighs the unlikely classes' logits more, towards matching the logits themselves (triggered images'
+    # distillation stays at 1)
     repair_distill_weight: float = 0.0  # while repairing, added to distill_weight (ramped in): the backdoor forms
     # under the light pull and the clean outputs are pulled back once it stands (a heavy pull throughout keeps it shallow)
     clean_share_weight: float = 0.0  # while repairing (ramped in): clean images, a hinge on the target's share of
