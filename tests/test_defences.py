@@ -29,6 +29,21 @@ def test_batchnorm_reestimation_sets_the_statistics_of_the_data(tiny_data):
     assert not after.training and after.bn1.momentum == model.bn1.momentum
 
 
+def test_batchnorm_reestimation_on_augmented_images(tiny_data):
+    """With ``augment`` the statistics are those of the images after training's crop and flip, drawn from the seed."""
+    from cambackdoor.data import random_crop_flip
+
+    model = build_model(width=4).eval()
+    plain = DF.reestimate_batchnorm(model, tiny_data.train, n=400, batch_size=100)
+    after = DF.reestimate_batchnorm(model, tiny_data.train, n=400, batch_size=100, seed=3, augment=True)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([random_crop_flip(tiny_data.train.images[i:i + 100], gen) for i in range(0, 400, 100)])
+    with torch.no_grad():
+        out = model.conv1(model.normalize(x.float() / 255))
+    torch.testing.assert_close(after.bn1.running_mean, out.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert (after.bn1.running_mean - plain.bn1.running_mean).abs().max() > 1e-3  # the padding shows
+
+
 def test_fine_tuning_lowers_the_clean_loss_and_reports_each_epoch():
     from conftest import make_dataset
 
