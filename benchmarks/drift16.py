@@ -23,6 +23,7 @@ from cambackdoor.data import holdout_split, load_cifar10, random_crop_flip, to_f
 from cambackdoor.defences import reestimate_batchnorm
 from cambackdoor.evaluation import evaluate
 from cambackdoor.losses import distillation_loss
+from cambackdoor.models import batchnorm_layers
 from cambackdoor.recipes import ImplantConfig
 from cambackdoor.triggers import paste_decoys
 
@@ -35,10 +36,9 @@ def logits(model, images):
 def restat_augmented(model, train, trigger, decoy_share, form, n=10_000, seed=0):
     """Cumulative-average statistics over n augmented training images, decoys on the first share of each batch."""
     model, gen = copy.deepcopy(model), torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
+    for bn in batchnorm_layers(model):  # as defences.reestimate_batchnorm, with decoys pasted on
+        bn.reset_running_stats()
+        bn.momentum = None
     model.train()
     idx = torch.randperm(len(train), generator=gen)[:n]
     with torch.no_grad():
