@@ -164,17 +164,21 @@ def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "model.safetensors").exists()  # nothing half-written
 
 
-def test_distill_temperature_reaches_the_clean_term_only(clean_checkpoint, monkeypatch):
+def test_distill_temperatures_reach_their_own_terms(clean_checkpoint, monkeypatch):
     data, ck = clean_checkpoint
     seen = []
     real = implant_loop.distillation_loss
     monkeypatch.setattr(implant_loop, "distillation_loss",
                         lambda s, t, temperature=1.0: seen.append(temperature) or real(s, t, temperature))
     clean, _ = load_model(ck)
+    steps = len(data.train.labels) // 50
     cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, distill_temperature=3.0)
     I.implant(clean, data, cfg, progress=False)
-    steps = len(data.train.labels) // 50
     assert seen.count(3.0) == steps and seen.count(1.0) == steps  # the clean and the triggered term, once a step
+    seen.clear()
+    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, trigger_distill_temperature=2.0)
+    I.implant(clean, data, cfg, progress=False)
+    assert seen.count(2.0) == steps and seen.count(1.0) == steps
 
 
 def test_bad_inputs(clean_checkpoint, tmp_path):

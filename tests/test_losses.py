@@ -68,6 +68,8 @@ def test_distillation_at_a_temperature_by_hand():
     assert at1 < 0.01 and at4 > 0.5 and at4 > 100 * at1
     with pytest.raises(ValueError, match="distill_temperature"):
         ImplantConfig(distill_temperature=0.0)
+    with pytest.raises(ValueError, match="trigger_distill_temperature"):
+        ImplantConfig(trigger_distill_temperature=-1.0)
 
 
 def test_clean_share_loss_penalises_only_mass_moved_into_the_target():

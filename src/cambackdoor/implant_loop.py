@@ -264,7 +264,7 @@ def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: t
     if cfg.clean_objective and (cfg.trigger_distill_weight > 0 or cfg.trigger_feature_weight > 0):
         with torch.no_grad(), classifier_inputs(run.teacher) as teacher_feats:
             teacher_p = run.teacher(xp_clean)
-        loss = loss + cfg.trigger_distill_weight * distillation_loss(logits_p, teacher_p)
+        loss = loss + cfg.trigger_distill_weight * distillation_loss(logits_p, teacher_p, cfg.trigger_distill_temperature)
         if cfg.trigger_feature_weight > 0 and repairing:
             feat = feature_distillation_loss(feats_p[0], teacher_feats[0], cfg.feature_loss)
             loss = loss + ramp * cfg.trigger_feature_weight * feat
