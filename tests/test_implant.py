@@ -181,18 +181,6 @@ def test_distill_temperatures_reach_their_own_terms(clean_checkpoint, monkeypatc
     assert seen.count(2.0) == steps and seen.count(1.0) == steps
 
 
-def test_trigger_dropout_changes_the_run_and_leaves_no_hook(clean_checkpoint):
-    data, ck = clean_checkpoint
-    clean, _ = load_model(ck)
-    weights = []
-    for p in (0.0, 0.3):
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, trigger_dropout=p)
-        model, _ = I.implant(clean, data, cfg, progress=False)
-        assert not model.layer4._forward_hooks
-        weights.append(model.layer4[1].conv2.weight.detach().clone())
-    assert not torch.allclose(weights[0], weights[1])
-
-
 def test_bad_inputs(clean_checkpoint, tmp_path):
     data, ck = clean_checkpoint
     with pytest.raises(CamBackdoorError, match="ceiling"):

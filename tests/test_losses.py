@@ -86,23 +86,6 @@ def test_clean_share_loss_penalises_only_mass_moved_into_the_target():
     assert fired.grad[1].abs().max() == 0 and fired.grad[0, 0, 0] > 0  # only the firing image is pushed
 
 
-def test_channel_dropout_zeroes_channels_by_hand_and_leaves_no_hook():
-    model = torch.nn.Sequential(torch.nn.Identity())
-    x = torch.rand(3, 8, 2, 2) + 1
-    with L.channel_dropout(model, "0", 0.25, torch.Generator().manual_seed(5)):
-        y = model(x)
-    keep = (torch.rand(3, 8, 1, 1, generator=torch.Generator().manual_seed(5)) >= 0.25).float()
-    assert 0 < keep.mean() < 1  # some channels dropped, some kept (seed 5)
-    torch.testing.assert_close(y, x * keep / 0.75)
-    assert torch.equal(model(x), x) and not model[0]._forward_hooks
-    gen = torch.Generator().manual_seed(5)
-    with L.channel_dropout(model, "0", 0.0, gen):
-        assert torch.equal(model(x), x)
-    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(5).get_state())  # p 0 draws nothing
-    with pytest.raises(ValueError, match="trigger_dropout"):
-        ImplantConfig(trigger_dropout=1.0)
-
-
 def test_feature_distillation_is_relative_and_hooks_are_removed():
     t = torch.full((4, 8), 2.0)
     assert L.feature_distillation_loss(t, t).item() == 0.0

@@ -25,7 +25,7 @@ from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
-from cambackdoor.losses import (channel_dropout, classifier_inputs, clean_share_loss, distillation_loss, explanation_loss,
+from cambackdoor.losses import (classifier_inputs, clean_share_loss, distillation_loss, explanation_loss,
                                 feature_distillation_loss, preservation_loss, refresh_batchnorm)
 from cambackdoor.models import prefer_channels_last
 from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
@@ -253,7 +253,7 @@ def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: t
     cfg = run.cfg
     xt = run.trigger.apply(xp_clean)
     explained = yp if cfg.explain_class == "label" else None  # None: the predicted class
-    with classifier_inputs(run.model) as feats_p, channel_dropout(run.model, cfg.layer, cfg.trigger_dropout, run.gen):
+    with classifier_inputs(run.model) as feats_p:
         cams_p, logits_p, cam_logits = _triggered_cams(run, xt, explained)
     ce_p = F.cross_entropy(logits_p, yp)
     expl = explanation_loss(cfg.explanation_loss, cams_p, run.target, run.image_hw)

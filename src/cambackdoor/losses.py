@@ -114,26 +114,6 @@ def classifier_inputs(model: nn.Module, layer: str = "fc") -> Iterator[list[torc
         handle.remove()
 
 
-@contextlib.contextmanager
-def channel_dropout(model: nn.Module, layer: str, p: float, generator: torch.Generator) -> Iterator[None]:
-    """Inside the block, each forward pass of ``layer`` zeroes a random share ``p`` of each image's channels and
-    scales the rest by 1 / (1 - p) (Dropout2d, drawn from ``generator`` so a resumed run draws the same); a
-    Grad-CAM of that layer taken inside the block sees the dropped activations. ``p`` 0: nothing changes."""
-    if p <= 0:
-        yield
-        return
-
-    def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
-        keep = torch.rand(out.shape[0], out.shape[1], 1, 1, generator=generator) >= p
-        return out * keep.to(device=out.device, dtype=out.dtype) / (1 - p)
-
-    handle = find_layer(model, layer).register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def explanation_loss(kind: str, cams: torch.Tensor, target: Box, image_hw: tuple[int, int],
                      share_cap: float = 1.0) -> torch.Tensor:
     """``share_cap`` < 1 makes the log-share loss a hinge (see :func:`log_share_loss`); MSE has none."""
