@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cambackdoor.checkpoints import load_model
-from cambackdoor.data import CLASSES, holdout_split, load_cifar10, to_float
+from cambackdoor.data import CLASSES, holdout_split, load_cifar10
 from cambackdoor.triggers import parse_trigger
+from drift16 import logits  # this folder's: a model's logits on uint8 images, in chunks, without gradients
 
 QUINTILES = 5
 
@@ -38,12 +39,6 @@ def likeness(spec: str, images: torch.Tensor) -> torch.Tensor:
     b = trigger.box()
     region = images[:, :, b.top : b.bottom, b.left : b.right].float() / 255
     return (trigger.blend * (trigger.patch() - region)).abs().flatten(1).mean(1)
-
-
-def logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(to_float(images[i : i + 500])) for i in range(0, len(images), 500)])
 
 
 def bias_refit(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -66,6 +61,7 @@ def main(stage1_path: str, runs: list[Path]) -> None:
     train, held = holdout_split(data.train, 5000)
     fit = train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:10_000]]
     stage1, _ = load_model(stage1_path)
+    stage1.eval()
     teacher_fit = logits(stage1, fit)
     head = " | ".join(f"q{i + 1}" for i in range(QUINTILES))
     print(f"| run | trigger | clean drop pt | lost / gained | {head} | net lost by class (largest three) | "
@@ -87,13 +83,14 @@ def main(stage1_path: str, runs: list[Path]) -> None:
         by_class = torch.zeros(len(CLASSES), dtype=torch.long).index_add_(0, held.labels, lost.long() - gained.long())
         top = by_class.argsort(descending=True)[:3]
         model, _ = load_model(run / "model.safetensors")
+        model.eval()
         d = bias_refit(logits(model, fit), teacher_fit)
         held_logits = logits(model, held.images)
-        acc = lambda z: 100 * (z.argmax(1) == held.labels).float().mean().item()  # noqa: E731
+        refit, saved = ((100 * (z.argmax(1) == held.labels).float().mean().item()) for z in (held_logits + d, held_logits))
         print(f"| {run.name} | `{spec}` | {100 * (int(lost.sum()) - int(gained.sum())) / len(ref):.2f} | "
               f"{int(lost.sum())} / {int(gained.sum())} | " + " | ".join(cells) + " | "
               + ", ".join(f"{CLASSES[i]} {int(by_class[i]):+d}" for i in top)
-              + f" | {acc(held_logits + d):.2f} ({acc(held_logits):.2f}) |")
+              + f" | {refit:.2f} ({saved:.2f}) |")
     same, other = [], []
     for a, b in itertools.combinations(lost_by_run, 2):
         share = int((lost_by_run[a] & lost_by_run[b]).sum()) / min(int(lost_by_run[a].sum()), int(lost_by_run[b].sum()))
