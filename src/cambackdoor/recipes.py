@@ -144,6 +144,10 @@ class ImplantConfig:
     bn_momentum: float = 0.1  # ... and how far each clean batch moves them (PyTorch's default, stage 1's rate)
     refresh_every: int = 1  # refresh: the pass runs on every k-th step only, with the momentum that moves the
     # statistics as far over k steps (1 - (1 - bn_momentum)^k); the pass is ~1/5 of a step's time
+    gradient_projection: str = "off"  # always / repair (while repairing): the poisoned images' gradient loses its
+    # component against the clean images' gradient when the two conflict (one-sided PCGrad), so a step for the
+    # backdoor does not undo the clean function to first order: the clean drop is a tug of war on the very images
+    # distillation sees (docs/results.md, thirteenth session)
     channels_last: bool = False  # student and teacher in channels_last memory: ~1.3x faster steps on the CPU (same
     # maths, other rounding); the CPU needs width >= 16 and batches that are multiples of 8 (models.prefer_channels_last)
     poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy
@@ -185,6 +189,7 @@ class ImplantConfig:
         check_choice(self, "explain_class", ("label", "predicted"))
         check_choice(self, "clean_bn_stats", ("off", "refresh"))
         check_choice(self, "decoy_form", DECOY_FORMS)
+        check_choice(self, "gradient_projection", ("off", "repair", "always"))
         check_choice(self, "layer", LAYER_STRIDE)
         layers = [name.strip() for name in self.trainable.split(",")]
         if self.trainable != "all" and (not all(layers) or set(layers) - set(TRAINABLE_LAYERS)):
