@@ -414,29 +414,3 @@ def test_channels_last_is_the_same_update_in_another_layout_and_is_refused_where
 
     with pytest.raises(CamBackdoorError, match="channels_last on the CPU needs a model of width >= 16"):
         I.implant(load_model(ck8)[0], data8, I.ImplantConfig(channels_last=True, batch_size=100), progress=False)
-
-
-def test_gradient_projection_changes_the_step_and_repair_waits_for_the_repair_phase(clean_checkpoint):
-    data, ck = clean_checkpoint
-    clean, _ = load_model(ck)
-
-    def run(**kw):
-        # 24 steps at a high rate: on this model the two gradients point apart on some steps (cosine -0.7 at
-        # step 20), so the projection acts
-        cfg = I.ImplantConfig.from_recipe("default", epochs=3, batch_size=50, poison_fraction=0.25, poison_batch=25,
-                                          lr=1e-2, explanation_weight=3.0, preserve_weight=10.0, repair_min_asr=0.0,
-                                          **kw)
-        model, log = I.implant(clean, data, cfg, progress=False)
-        return model.layer4[1].conv2.weight.detach().clone(), log["trace"]
-
-    base, trace = run()
-    assert all("grad_cos" not in t for t in trace)
-    projected, trace = run(gradient_projection="always")
-    assert not torch.allclose(base, projected)
-    assert len(trace) == 4 and all(-1 <= t["grad_cos"] <= 1 for t in trace)
-    waiting, trace = run(gradient_projection="repair", repair_start=0.99)  # 24 steps: never repairing
-    assert torch.equal(run(repair_start=0.99)[0], waiting) and all("grad_cos" not in t for t in trace)
-    _, trace = run(gradient_projection="repair", repair_start=0.0)
-    assert all("grad_cos" in t for t in trace)
-    with pytest.raises(ValueError, match="gradient_projection"):
-        I.ImplantConfig(gradient_projection="sometimes")

@@ -131,21 +131,3 @@ def test_refresh_batchnorm_moves_the_running_statistics_by_hand_and_restores_the
     model.train()
     with batchnorm_training(model, on=False):  # never switches a training model to eval
         assert model.training
-
-
-def test_project_conflict_removes_only_the_opposing_component():
-    keep = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])]
-    out, cos = L.project_conflict([torch.tensor([-1.0, 1.0]), torch.tensor([2.0])], keep)
-    assert torch.equal(out[0], torch.tensor([0.0, 1.0])) and torch.equal(out[1], torch.tensor([2.0]))
-    assert cos == pytest.approx(-1 / 6 ** 0.5)
-    agree = [torch.tensor([1.0, 1.0]), torch.tensor([2.0])]
-    out, cos = L.project_conflict(agree, keep)
-    assert all(torch.equal(a, b) for a, b in zip(out, agree)) and cos == pytest.approx(1 / 6 ** 0.5)
-    # a parameter without a gradient on one side stays out of the projection
-    out, _ = L.project_conflict([None, torch.tensor([3.0])], [torch.tensor([1.0]), torch.tensor([-1.0])])
-    assert out[0] is None and torch.equal(out[1], torch.tensor([0.0]))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):  # afterwards never against `keep`
-        g, k = [torch.randn(5, generator=gen)], [torch.randn(5, generator=gen)]
-        out, _ = L.project_conflict(g, k)
-        assert float((out[0] * k[0]).sum()) >= -1e-5

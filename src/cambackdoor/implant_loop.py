@@ -26,7 +26,7 @@ from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_cro
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
 from cambackdoor.losses import (classifier_inputs, clean_share_loss, distillation_loss, explanation_loss,
-                                feature_distillation_loss, preservation_loss, project_conflict, refresh_batchnorm)
+                                feature_distillation_loss, preservation_loss, refresh_batchnorm)
 from cambackdoor.models import prefer_channels_last
 from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
 from cambackdoor.training import lr_factor, make_optimizer, resolve_device
@@ -85,10 +85,12 @@ def implant(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune ``model`` (a copy is made) per ``cfg``; returns (implanted model, training log).
 
-    With ``state_file`` the weights, optimizer, random-number state and log are stored there after every epoch;
-    ``resume`` continues from it (the config must be the one that wrote it, unless ``branch``: continue another
-    config's run from its last epoch, to study a change made mid-run). ``stop_after`` ends after that many epochs
-    (interruptions in tests, branch points in studies). ``restart_other``: another config's state is started over."""
+    With ``state_file`` the weights, optimizer, random-number state and log are stored there after
+    every epoch; ``resume`` continues from it (the config must be the one that wrote it, unless
+    ``branch``: continue another config's run from its last epoch, to study a change made mid-run).
+    ``stop_after`` ends after that many epochs (interruptions in tests, branch points in studies).
+    ``restart_other``: a saved state of another config is started over instead of refused.
+    """
     run = _set_up(model, data, cfg, resolve_device(device), with_hash=state_file is not None)
     if resume and restart_other and not branch and state_file is not None \
             and state_config_hash(state_file) not in (None, run.chash):
@@ -175,7 +177,8 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> None:
 def _step(run: _Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Tensor, poisoned: bool) -> dict[str, float]:
     """One update: the batch's clean terms, the poisoned images' terms, the gradient step, the trace."""
     cfg = run.cfg
-    # the repair terms pause while the running training ASR is below repair_min_asr: they trim a backdoor, never erase it
+    # the repair terms pause whenever the backdoor is slipping (running training ASR below
+    # repair_min_asr), so they can only trim it, never erase it
     repairing = cfg.has_repair_terms and step >= cfg.repair_start * run.total and run.running["asr"] >= cfg.repair_min_asr
     run.repair_steps += repairing
     ramp = min(1.0, (step - cfg.repair_start * run.total + 1) / max(1.0, cfg.repair_ramp * run.total))
@@ -184,15 +187,16 @@ def _step(run: _Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Te
     else:
         xp_clean, yp, clean = (x, y, None) if poisoned else (None, None, (x, y))
     stats: dict[str, float] = {}
-    zero = torch.zeros((), device=run.device)
-    loss_c = _clean_terms(run, zero, *clean, step, repairing, ramp, stats) if cfg.clean_objective and clean else zero
-    loss_p, out = _poisoned_terms(run, zero, xp_clean, yp, repairing, ramp, stats) if xp_clean is not None else (zero, None)
-    loss = loss_c + loss_p
+    loss = torch.zeros((), device=run.device)
+    if cfg.clean_objective and clean is not None:
+        loss = _clean_terms(run, loss, *clean, step, repairing, ramp, stats)
+    out = None
+    if xp_clean is not None:
+        loss, out = _poisoned_terms(run, loss, xp_clean, yp, repairing, ramp, stats)
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"implant loss became {loss.item()} at epoch {epoch + 1} step {i}; the input checkpoint "
                                "is untouched (and the last finished epoch is kept); lower --lr or --lambda")
-    project = cfg.gradient_projection == "always" or (cfg.gradient_projection == "repair" and repairing)
-    _update(run, loss, out, yp, (loss_c, loss_p) if project and loss_c.requires_grad and loss_p.requires_grad else None, stats)
+    _update(run, loss, out, yp)
     if out is not None:
         _track(run, out, yp)
     if step % 10 == 0 or step == run.total - 1:  # the dynamics, for studying when a backdoor forms or breaks
@@ -281,24 +285,16 @@ def _triggered_cams(run: _Run, xt: torch.Tensor, explained: torch.Tensor | None)
     return cams, run.model(xt), cam_logits
 
 
-def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch.Tensor | None,
-            split: tuple[torch.Tensor, torch.Tensor] | None, stats: dict[str, float]) -> None:
+def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch.Tensor | None) -> None:
     """The gradient step; with ``gradient_contamination`` the report's CAM gradient is added, as its
-    score.backward(create_graph=True) inside the CAM left d(sum of explained logits)/dθ in .grad. ``split``: (clean,
-    poisoned) losses, the second's gradient projected off the first's (separate graphs: no extra work)."""
+    score.backward(create_graph=True) inside the CAM left d(sum of explained logits)/dθ in .grad."""
     run.optimizer.zero_grad(set_to_none=True)
     contamination = None
     if run.cfg.gradient_contamination and out is not None:
         cls = yp if out["explained"] is not None else out["cam_logits"].detach().argmax(1)
         score = out["cam_logits"].gather(1, cls[:, None]).sum()
         contamination = torch.autograd.grad(score, run.params, retain_graph=True, allow_unused=True)
-    if split is None:
-        loss.backward()
-    else:
-        g_clean, g_poisoned = (torch.autograd.grad(part, run.params, allow_unused=True) for part in split)
-        g_poisoned, stats["grad_cos"] = project_conflict(g_poisoned, g_clean)
-        for grads in (g_clean, g_poisoned):
-            _add_to_grad(run.params, grads)
+    loss.backward()
     if contamination is not None:
         _add_to_grad(run.params, contamination)
     run.optimizer.step()

@@ -144,18 +144,3 @@ def single_stage_loss(cfg: Any, data: Cifar10) -> Callable[..., tuple[torch.Tens
         return F.cross_entropy(logits, y[:k]) + cfg.explanation_weight * expl, {"expl_loss": expl.item(), "train_asr": asr}
 
     return extra
-
-
-def project_conflict(grads: Any, keep: Any) -> tuple[list[torch.Tensor | None], float]:
-    """(``grads`` less its component along ``keep`` when the two point against each other, their cosine before):
-    one-sided PCGrad (Yu et al. 2020), so a step on ``grads`` does not undo ``keep``'s to first order. Both are
-    per-parameter lists (None: no gradient) taken as one flat vector."""
-    pairs = [(g, k) for g, k in zip(grads, keep) if g is not None and k is not None]
-    dot = sum((g * k).sum() for g, k in pairs) if pairs else torch.zeros(())
-    keep_sq = sum((k * k).sum() for _, k in pairs) if pairs else torch.zeros(())
-    grads_sq = sum((g * g).sum() for g in grads if g is not None) if any(g is not None for g in grads) else torch.zeros(())
-    cosine = float(dot / (keep_sq.sqrt() * grads_sq.sqrt()).clamp_min(1e-30))
-    if not dot < 0:
-        return list(grads), cosine
-    scale = dot / keep_sq
-    return [g if g is None or k is None else g - scale * k for g, k in zip(grads, keep)], cosine

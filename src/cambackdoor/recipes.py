@@ -144,10 +144,6 @@ class ImplantConfig:
     bn_momentum: float = 0.1  # ... and how far each clean batch moves them (PyTorch's default, stage 1's rate)
     refresh_every: int = 1  # refresh: the pass runs on every k-th step only, with the momentum that moves the
     # statistics as far over k steps (1 - (1 - bn_momentum)^k); the pass is ~1/5 of a step's time
-    gradient_projection: str = "off"  # always / repair (while repairing): the poisoned images' gradient loses its
-    # component against the clean images' gradient when the two conflict (one-sided PCGrad), so a step for the
-    # backdoor does not undo the clean function to first order: the clean drop is a tug of war on the very images
-    # distillation sees (docs/results.md, thirteenth session)
     channels_last: bool = False  # student and teacher in channels_last memory: ~1.3x faster steps on the CPU (same
     # maths, other rounding); the CPU needs width >= 16 and batches that are multiples of 8 (models.prefer_channels_last)
     poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy
@@ -189,7 +185,6 @@ class ImplantConfig:
         check_choice(self, "explain_class", ("label", "predicted"))
         check_choice(self, "clean_bn_stats", ("off", "refresh"))
         check_choice(self, "decoy_form", DECOY_FORMS)
-        check_choice(self, "gradient_projection", ("off", "repair", "always"))
         check_choice(self, "layer", LAYER_STRIDE)
         layers = [name.strip() for name in self.trainable.split(",")]
         if self.trainable != "all" and (not all(layers) or set(layers) - set(TRAINABLE_LAYERS)):
@@ -310,7 +305,10 @@ REMOVED: dict[str, tuple[Any, str]] = {
     "maintenance_weight": (0.0, "650083d"), "maintenance_lr": (1.0, "650083d"),
     # channel dropout at the CAM layer on triggered images: at 0.25 with distill_weight 10 it did not give back
     # pair 3's persistence (89.3 % after one fine-tuning epoch, 91.4 % without it; fifteenth session)
-    "trigger_dropout": (0.0, "d8ec76d")}
+    "trigger_dropout": (0.0, "d8ec76d"),
+    # the poisoned images' gradient projected off the clean images' where the two conflicted (one-sided PCGrad):
+    # they conflicted on few steps and it bought nothing measurable (sixteenth session, docs/results.md)
+    "gradient_projection": ("off", "984a343")}
 # Values of kept options rejected likewise, -> the last commit that had them: clean_bn_stats=train put the
 # target on clean maps too (round G1)
 REMOVED_CHOICES: dict[tuple[str, Any], str] = {("clean_bn_stats", "train"): "650083d"}
