@@ -1,8 +1,8 @@
 """How often the clean and the poisoned gradients conflict in an implant run with ``gradient_projection``.
 
-Reads the run's training trace (every 10th step; ``implant.json``, or ``state.safetensors`` while it runs) and
-prints, per epoch and per phase (forming / repairing), the traced steps, the share whose cosine was negative
-(the steps the projection changed) and the cosine's mean and quartiles.
+Reads a finished run's training trace (every 10th step, in ``implant.json``) and prints, per epoch and per phase
+(forming / repairing), the traced steps, the share whose cosine was negative (the steps the projection changed) and
+the cosine's mean and quartiles. The option left the code (commit 984a343 has it); this reads the runs it made.
 
     python benchmarks/projection16.py runs/tune16/c-t4tgp-p4-s0 [RUN ...]
 """
@@ -16,19 +16,10 @@ from pathlib import Path
 
 
 def trace(run: Path) -> tuple[list[dict], int]:
-    """(trace, steps per epoch) of a finished run, or of a running one from its last saved state."""
-    if (run / "implant.json").exists():
-        saved = json.loads((run / "implant.json").read_text())
-        log, cfg = saved["implant"], saved["config"]
-    else:
-        from safetensors import safe_open
-
-        with safe_open(str(run / "state.safetensors"), "pt") as f:
-            state = dict(json.loads(f.metadata()["state"])["__dict__"])
-        log, cfg = json.loads(state["log"]), json.loads((run / "model.json").read_text())["config"]
-    cfg = cfg.get("implant", cfg)
-    train = 50_000 - int(cfg.get("holdout", 0))
-    return log["trace"], train // int(cfg["batch_size"])
+    """(trace, steps per epoch) of a finished run."""
+    saved = json.loads((run / "implant.json").read_text())
+    cfg = saved["config"]
+    return saved["implant"]["trace"], (50_000 - int(cfg["holdout"])) // int(cfg["batch_size"])
 
 
 def main(runs: list[str]) -> None:
