@@ -121,6 +121,8 @@ class ImplantConfig:
     trigger_distill_temperature: float = 1.0  # ... at this softmax temperature (times its square), as
     # distill_temperature for the clean term: with MT4, triggered accuracy fell 0.5-1.2 pt below stage 1's on the
     # same triggered images where the clean drop was 0.1-0.5 (docs/results.md, fourteenth session)
+    teacher_flip: bool = False  # both distillations' targets: the stage-1 model's logits averaged with its logits on
+    # the mirrored image (a flip-averaged teacher, 0.76 pt more accurate on held-out images at width 16)
     trigger_feature_weight: float = 10.0  # triggered images: pooled features (the classifier's input) kept at the
     # stage-1 model's on the untriggered image; Grad-CAM at the last layer may move while these stay put
     feature_loss: str = "log"  # relative: MSE / teacher's mean square; log: log(1 + that), whose pull
