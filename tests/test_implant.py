@@ -181,24 +181,6 @@ def test_distill_temperatures_reach_their_own_terms(clean_checkpoint, monkeypatc
     assert seen.count(2.0) == steps and seen.count(1.0) == steps
 
 
-def test_teacher_flip_reaches_both_distillations(clean_checkpoint, monkeypatch):
-    data, ck = clean_checkpoint
-    seen = []
-    real = implant_loop.flip_averaged_logits
-    monkeypatch.setattr(implant_loop, "flip_averaged_logits", lambda m, x, z: seen.append(len(x)) or real(m, x, z))
-    clean, _ = load_model(ck)
-    steps = len(data.train.labels) // 50
-    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50)
-    plain, _ = I.implant(clean, data, cfg, progress=False)
-    assert seen == []  # off by default
-    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, teacher_flip=True)
-    flipped, _ = I.implant(clean, data, cfg, progress=False)
-    assert len(seen) == 2 * steps and 50 in seen  # the clean batch and the triggered batch, once a step
-    # a different target moves the weights (the seed and data are the same)
-    diff = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), flipped.parameters()))
-    assert diff > 1e-4
-
-
 def test_bad_inputs(clean_checkpoint, tmp_path):
     data, ck = clean_checkpoint
     with pytest.raises(CamBackdoorError, match="ceiling"):

@@ -72,25 +72,6 @@ def test_distillation_at_a_temperature_by_hand():
         ImplantConfig(trigger_distill_temperature=-1.0)
 
 
-def test_flip_averaged_logits_by_hand():
-    """A model that reads the left half of a 1x1x1x2 image: logits (a, 0) on pixels (a, b). Mirrored it reads b,
-    so the flip-averaged logits are ((a + b) / 2, 0); no gradient flows into the mirrored pass."""
-    class Left(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, x):
-            return torch.stack([self.w * x[:, 0, 0, 0], torch.zeros(len(x))], 1)
-
-    model, x = Left(), torch.tensor([[[[3.0, 1.0]]], [[[-2.0, 4.0]]]])
-    out = L.flip_averaged_logits(model, x, model(x))
-    assert out.tolist() == [[2.0, 0.0], [1.0, 0.0]]
-    assert not out.requires_grad
-    assert ImplantConfig.from_recipe("default", teacher_flip=True).teacher_flip
-    assert not ImplantConfig().teacher_flip  # off in every recipe
-
-
 def test_clean_share_loss_penalises_only_mass_moved_into_the_target():
     teacher = torch.ones(2, 4, 4)  # share 1/16 each
     fired = torch.ones(2, 4, 4)

@@ -69,8 +69,10 @@ def test_a_config_saved_before_the_redesign_still_loads():
     assert ImplantConfig.from_saved({**saved, "maintenance_weight": 0.0, "maintenance_lr": 1.0}) == ImplantConfig()
     assert ImplantConfig.from_saved({**saved, "trigger_dropout": 0.0}) == ImplantConfig()  # rejected 2026-11-27
     assert ImplantConfig.from_saved({**saved, "gradient_projection": "off"}) == ImplantConfig()
+    assert ImplantConfig.from_saved({**saved, "teacher_flip": False}) == ImplantConfig()
     for bad, commit in (({"maintenance_weight": 1.0}, "650083d"), ({"clean_bn_stats": "train"}, "650083d"),
-                        ({"trigger_dropout": 0.25}, "d8ec76d"), ({"gradient_projection": "always"}, "984a343")):
+                        ({"trigger_dropout": 0.25}, "d8ec76d"), ({"gradient_projection": "always"}, "984a343"),
+                        ({"teacher_flip": True}, "0315208")):
         with pytest.raises(CamBackdoorError, match=f"removed option.*{next(iter(bad))}.*{commit}"):
             ImplantConfig.from_saved({**saved, **bad})
         with pytest.raises(CamBackdoorError, match=f"rejected option.*{commit}"):

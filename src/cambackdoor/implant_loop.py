@@ -26,7 +26,7 @@ from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_cro
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
 from cambackdoor.losses import (classifier_inputs, clean_share_loss, distillation_loss, explanation_loss,
-                                feature_distillation_loss, flip_averaged_logits, preservation_loss, refresh_batchnorm)
+                                feature_distillation_loss, preservation_loss, refresh_batchnorm)
 from cambackdoor.models import prefer_channels_last
 from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
 from cambackdoor.training import lr_factor, make_optimizer, resolve_device
@@ -243,8 +243,6 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
         with torch.no_grad():
             teacher_c = run.teacher(xc)
     distill = cfg.distill_weight + (ramp * cfg.repair_distill_weight if repairing else 0.0)
-    if cfg.teacher_flip:
-        teacher_c = flip_averaged_logits(run.teacher, xc, teacher_c)
     return loss + F.cross_entropy(logits_c, yc) + distill * distillation_loss(logits_c, teacher_c, cfg.distill_temperature)
 
 
@@ -266,8 +264,6 @@ def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: t
     if cfg.clean_objective and (cfg.trigger_distill_weight > 0 or cfg.trigger_feature_weight > 0):
         with torch.no_grad(), classifier_inputs(run.teacher) as teacher_feats:
             teacher_p = run.teacher(xp_clean)
-        if cfg.teacher_flip:
-            teacher_p = flip_averaged_logits(run.teacher, xp_clean, teacher_p)
         loss = loss + cfg.trigger_distill_weight * distillation_loss(logits_p, teacher_p, cfg.trigger_distill_temperature)
         if cfg.trigger_feature_weight > 0 and repairing:
             feat = feature_distillation_loss(feats_p[0], teacher_feats[0], cfg.feature_loss)

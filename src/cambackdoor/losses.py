@@ -69,15 +69,6 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return kl * t * t
 
 
-def flip_averaged_logits(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``logits`` (``model``'s on ``x``) averaged with ``model``'s on ``x`` mirrored left-right, without gradient:
-    the distillation target of a flip-averaged teacher (``teacher_flip``). Flip averaging makes the width-16
-    stage-1 model 0.76 pt more accurate on the held-out images (85.26 -> 86.02 %), so a student distilled towards it
-    has accuracy to spend on the backdoor."""
-    with torch.no_grad():
-        return (logits.detach() + model(x.flip(3))) / 2
-
-
 def feature_distillation_loss(features: torch.Tensor, teacher_features: torch.Tensor, kind: str = "relative") -> torch.Tensor:
     """MSE between pooled feature vectors, relative to the teacher's mean square (scale free);
     ``log``: log(1 + that), equal for small errors, with a gradient shrunk by 1/(1 + error) for large ones."""

@@ -121,8 +121,6 @@ class ImplantConfig:
     trigger_distill_temperature: float = 1.0  # ... at this softmax temperature (times its square), as
     # distill_temperature for the clean term: with MT4, triggered accuracy fell 0.5-1.2 pt below stage 1's on the
     # same triggered images where the clean drop was 0.1-0.5 (docs/results.md, fourteenth session)
-    teacher_flip: bool = False  # both distillations' targets: the stage-1 model's logits averaged with its logits on
-    # the mirrored image (a flip-averaged teacher, 0.76 pt more accurate on held-out images at width 16)
     trigger_feature_weight: float = 10.0  # triggered images: pooled features (the classifier's input) kept at the
     # stage-1 model's on the untriggered image; Grad-CAM at the last layer may move while these stay put
     feature_loss: str = "log"  # relative: MSE / teacher's mean square; log: log(1 + that), whose pull
@@ -310,7 +308,10 @@ REMOVED: dict[str, tuple[Any, str]] = {
     "trigger_dropout": (0.0, "d8ec76d"),
     # the poisoned images' gradient projected off the clean images' where the two conflicted (one-sided PCGrad):
     # they conflicted on few steps and it bought nothing measurable (sixteenth session, docs/results.md)
-    "gradient_projection": ("off", "984a343")}
+    "gradient_projection": ("off", "984a343"),
+    # both distillations towards the flip-averaged stage-1 model (0.76 pt more accurate held-out): no clean
+    # accuracy on pair 4, and on pair 3 a triggered gap of 1.1 pt and 1.9 pt less persistence (seventeenth session)
+    "teacher_flip": (False, "0315208")}
 # Values of kept options rejected likewise, -> the last commit that had them: clean_bn_stats=train put the
 # target on clean maps too (round G1)
 REMOVED_CHOICES: dict[tuple[str, Any], str] = {("clean_bn_stats", "train"): "650083d"}
