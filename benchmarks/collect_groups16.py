@@ -30,15 +30,24 @@ def cell(values: list[float]) -> str:
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({' / '.join(f'{v:.2f}' for v in values)})"
 
 
-def pooled_cells(members: list[Path]) -> list[str]:
-    """The clean drop (pt) and the ASR after one fine-tuning epoch (%), pooled over seeds and images."""
+def pooled(members: list[Path]) -> tuple[dict[str, float], dict[str, float] | None] | None:
+    """The clean drop and the ASR after one fine-tuning epoch (None where not audited), pooled over seeds and
+    images (``stats.pooled``, fractions); None when an audit's per-image outcomes are missing."""
     files = [p / "audit" / "outcomes.safetensors" for p in members]
     if not all(f.exists() for f in files):
-        return ["-", "-"]
+        return None
     out = [load_file(str(f)) for f in files]
     drop = stats.pooled([o["reference (stage 1)/clean_correct"] - o["model/clean_correct"] for o in out])
-    ft = all("finetune-1/success" in o for o in out) and stats.pooled([o["finetune-1/success"] for o in out])
-    return [fmt(drop), fmt(ft) if ft else "-"]
+    ft = stats.pooled([o["finetune-1/success"] for o in out]) if all("finetune-1/success" in o for o in out) else None
+    return drop, ft
+
+
+def pooled_cells(members: list[Path]) -> list[str]:
+    """The clean drop (pt) and the ASR after one fine-tuning epoch (%), pooled over seeds and images."""
+    both = pooled(members)
+    if both is None:
+        return ["-", "-"]
+    return [fmt(both[0]), fmt(both[1]) if both[1] else "-"]
 
 
 def main(roots: list[Path], pooled: bool = False) -> None:

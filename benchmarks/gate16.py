@@ -22,9 +22,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from cambackdoor import stats
+from collect_groups16 import pooled  # this folder's: drop and persistence pooled over seeds, then images
 
 MAX_DROP = 0.45  # pt
 BARS = [  # (name, key, ">=" or "<=", value): means over a pair's seeds, in % (gap in pt)
@@ -69,10 +67,8 @@ def main(root: Path, pairs: int = 4, seeds: int = 3) -> int:
             for k, v in read(r).items():
                 vals[k].append(v)
         col = {k: sum(v) / len(v) for k, v in vals.items()}
-        out = [load_file(str(r / "audit" / "outcomes.safetensors")) for r in runs]
-        drop = stats.pooled([o["reference (stage 1)/clean_correct"] - o["model/clean_correct"] for o in out])
-        col["drop"] = 100 * drop["value"]
-        col["ft1"] = 100 * stats.pooled([o["finetune-1/success"] for o in out])["value"]
+        drop, ft = pooled(runs)  # every cell has its outcomes (checked above) and a finetune-1 row
+        col["drop"], col["ft1"] = 100 * drop["value"], 100 * ft["value"]
         cells = []
         for name, key, op, bar in BARS:
             ok = col[key] >= bar if op == ">=" else col[key] <= bar
