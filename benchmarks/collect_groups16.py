@@ -50,11 +50,11 @@ def pooled_cells(members: list[Path]) -> list[str]:
     return [fmt(both[0]), fmt(both[1]) if both[1] else "-"]
 
 
-def main(roots: list[Path], pooled: bool = False) -> None:
-    extra = " clean drop pt, pooled [95 %] | ASR after 1 FT epoch %, pooled [95 %] |" if pooled else ""
+def main(roots: list[Path], show_pooled: bool = False) -> None:
+    extra = " clean drop pt, pooled [95 %] | ASR after 1 FT epoch %, pooled [95 %] |" if show_pooled else ""
     print("| recipe | seeds | clean drop pt | ASR % | false triggers % | triggered − clean pt | ASR after BN re-est. % "
           "| ASR after 1 FT epoch % |" + extra)
-    print("|---" * (8 + 2 * pooled) + "|")
+    print("|---" * (8 + 2 * show_pooled) + "|")
     for root in roots:
         runs = sorted(p for p in root.iterdir() if (p / "implant.json").exists())
         audits = {p.name: {r["name"]: r for r in json.loads((p / "audit" / "audit.json").read_text())["rows"]}
@@ -80,9 +80,9 @@ def main(roots: list[Path], pooled: bool = False) -> None:
                         col[key].append(100 * a[row]["asr"]["value"])
             print(f"| {root.name}/{name} | {len(members)} | " + " | ".join(
                 cell(col[k]) for k in ("drop", "asr", "false", "gap", "bn", "ft1")) + " |"
-                + ("".join(f" {c} |" for c in pooled_cells(members)) if pooled else ""))
+                + ("".join(f" {c} |" for c in pooled_cells(members)) if show_pooled else ""))
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main([Path(a) for a in args if a != "--pooled"] or [Path("runs/tune16")], pooled="--pooled" in args)
+    main([Path(a) for a in args if a != "--pooled"] or [Path("runs/tune16")], show_pooled="--pooled" in args)
