@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -162,6 +163,41 @@ def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path, monkeypatch):
     with pytest.raises(TrainingDiverged, match="implant loss became nan"):
         I.run_implant(ck, data, cfg, tmp_path / "nan", progress=False)
     assert not (tmp_path / "nan" / "model.safetensors").exists()  # nothing half-written
+
+
+def _dying_optimizer(monkeypatch):
+    """Every update ends with the classifier zeroed: all logits 0, so the cross-entropy is exactly ln 10."""
+    real = implant_loop.make_optimizer
+
+    def make(params, cfg):
+        opt, params = real(params, cfg), list(params)
+        step = opt.step
+
+        def step_then_die(*args, **kwargs):
+            out = step(*args, **kwargs)
+            with torch.no_grad():
+                for p in params[-2:]:  # fc.weight, fc.bias
+                    p.zero_()
+            return out
+        opt.step = step_then_die
+        return opt
+    monkeypatch.setattr(implant_loop, "make_optimizer", make)
+
+
+def test_a_collapse_to_chance_stops_the_implant(clean_checkpoint, tmp_path, monkeypatch):
+    data, ck = clean_checkpoint
+    monkeypatch.setattr(implant_loop, "COLLAPSE_STEPS", 5)
+    _dying_optimizer(monkeypatch)
+    # 8 steps an epoch: the running CE (EMA 0.9) reaches ln 10 - 0.05 within ~40 steps, then 5 more
+    cfg = I.ImplantConfig.from_recipe("default", epochs=8, batch_size=50)
+    with pytest.raises(TrainingDiverged, match=r"collapsed to chance at epoch [4-8] step \d.*ln C = 2.303.*--seed"):
+        I.run_implant(ck, data, cfg, tmp_path / "dead", progress=False)
+    assert not (tmp_path / "dead" / "implant.json").exists()  # no result (the saved epochs are for --resume)
+    clean, _ = load_model(ck)
+    with torch.no_grad():  # a model at chance from the start (untrained, say) is not a collapse
+        clean.fc.weight.zero_(), clean.fc.bias.zero_()
+    _, log = I.implant(clean, data, cfg, progress=False)
+    assert abs(log["start_ce"] - math.log(10)) < 1e-4 and len(log["epochs"]) == 8
 
 
 def test_distill_temperatures_reach_their_own_terms(clean_checkpoint, monkeypatch):

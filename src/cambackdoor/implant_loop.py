@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +30,12 @@ from cambackdoor.losses import (classifier_inputs, clean_share_loss, distillatio
                                 feature_distillation_loss, preservation_loss, refresh_batchnorm)
 from cambackdoor.models import prefer_channels_last
 from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
-from cambackdoor.training import lr_factor, make_optimizer, resolve_device
+from cambackdoor.training import lr_factor, make_optimizer, resolve_device, rss_mb
 from cambackdoor.triggers import paste_decoys
 
 
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2**20
-    except OSError:
-        return float("nan")
+COLLAPSE_STEPS = 100  # a collapsed run (output at chance; registration 6's pair 2 seed 2, at the peak rate) never
+# came back in the traces we have: stop it after this many steps at chance
 
 
 @dataclass
@@ -64,6 +61,7 @@ class _Run:
     running: dict[str, float] = field(default_factory=lambda: {"ce": 0.0, "expl": 0.0, "asr": 0.0})
     used_triggered: int = 0
     repair_steps: int = 0
+    at_chance: int = 0  # consecutive steps with the running cross-entropy at chance (_track's collapse guard)
     start_epoch: int = 0
     t0: float = 0.0
     rss0: float = 0.0
@@ -127,7 +125,7 @@ def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.d
     chash = config_hash(cfg, {"data": data.fingerprint, "parent": weights_digest(teacher)}) if with_hash else ""
     return _Run(cfg, model, teacher, params, optimizer, gen, train_set, pool, trigger, target,
                 tuple(data.train.images.shape[2:]), device, steps_per_epoch, cfg.epochs * steps_per_epoch, chash, log,
-                t0=time.perf_counter(), rss0=_rss_mb(), peak_lr=peak_lr(cfg, model))
+                t0=time.perf_counter(), rss0=rss_mb(), peak_lr=peak_lr(cfg, model))
 
 
 def _to_channels_last(model: nn.Module, teacher: nn.Module, device: torch.device, *batch_sizes: int) -> None:
@@ -198,7 +196,7 @@ def _step(run: _Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Te
                                "is untouched (and the last finished epoch is kept); lower --lr or --lambda")
     _update(run, loss, out, yp)
     if out is not None:
-        _track(run, out, yp)
+        _track(run, out, yp, epoch, i)
     if step % 10 == 0 or step == run.total - 1:  # the dynamics, for studying when a backdoor forms or breaks
         run.log["trace"].append({"step": step, "lr": run.optimizer.param_groups[0]["lr"], "loss": loss.item(),
                                  **{f"running_{k}": v for k, v in run.running.items()}, "repairing": bool(repairing),
@@ -295,24 +293,27 @@ def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch
         score = out["cam_logits"].gather(1, cls[:, None]).sum()
         contamination = torch.autograd.grad(score, run.params, retain_graph=True, allow_unused=True)
     loss.backward()
-    if contamination is not None:
-        _add_to_grad(run.params, contamination)
+    for p, g in zip(run.params, contamination or ()):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
     run.optimizer.step()
 
 
-def _add_to_grad(params: list[nn.Parameter], grads: list[torch.Tensor | None] | tuple[torch.Tensor | None, ...]) -> None:
-    for p, g in zip(params, grads):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
-
-
-def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor) -> None:
-    """Running CE, explanation loss and ASR on the training triggered batches (the repair gate)."""
+def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor, epoch: int, i: int) -> None:
+    """Running CE, explanation loss and ASR on the training triggered batches (the repair gate); a model that
+    started above chance and has sat at it for COLLAPSE_STEPS steps has died, and the run stops."""
     run.used_triggered += len(yp)
     with torch.no_grad():
         asr = M.attack_success(M.box_iou(out["cams"].detach(), run.target, run.image_hw)).float().mean().item()
     for k, v in (("ce", out["ce"].item()), ("expl", out["expl"].item()), ("asr", asr)):
         run.running[k] = 0.9 * run.running[k] + 0.1 * v if run.used_triggered > len(yp) else v
+    chance = math.log(out["cam_logits"].shape[1])
+    start = run.log.setdefault("start_ce", run.running["ce"])
+    run.at_chance = run.at_chance + 1 if start < chance - 0.5 and run.running["ce"] > chance - 0.05 else 0
+    if run.at_chance >= COLLAPSE_STEPS:
+        raise TrainingDiverged(f"the model collapsed to chance at epoch {epoch + 1} step {i} (running cross-entropy "
+                               f"{run.running['ce']:.3f} for {COLLAPSE_STEPS} steps, ln C = {chance:.3f}); the input "
+                               "checkpoint is untouched; --resume would repeat it: lower --lr or try another --seed")
 
 
 def _end_epoch(run: _Run, epoch: int, state_file: str | Path | None,
@@ -320,7 +321,7 @@ def _end_epoch(run: _Run, epoch: int, state_file: str | Path | None,
     """The epoch's log line, then the state (one file) and the caller's hook."""
     entry = {"epoch": epoch + 1, "running_ce": run.running["ce"], "running_expl": run.running["expl"],
              "running_asr": run.running["asr"], "repair_steps": run.repair_steps,
-             "elapsed_s": round(time.perf_counter() - run.t0, 2), "rss_mb": round(_rss_mb(), 1)}
+             "elapsed_s": round(time.perf_counter() - run.t0, 2), "rss_mb": round(rss_mb(), 1)}
     run.log["epochs"].append(entry)
     if state_file is not None:
         save_state(state_file, capture_state(run.model, run.optimizer, run.gen, epoch=epoch + 1,
@@ -340,6 +341,6 @@ def _finish(run: _Run) -> tuple[nn.Module, dict[str, Any]]:
         p.requires_grad_(True)
     run.model.to(memory_format=torch.contiguous_format).eval()
     run.log["train_s"] = round(time.perf_counter() - run.t0, 2)
-    run.log["rss_growth_mb"] = round(_rss_mb() - run.rss0, 1)
+    run.log["rss_growth_mb"] = round(rss_mb() - run.rss0, 1)
     run.log["triggered_images_seen"] = run.used_triggered
     return run.model, run.log

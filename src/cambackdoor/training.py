@@ -94,6 +94,15 @@ class TrainConfig:
             validate_attack(trigger, target, self.layer)
 
 
+def rss_mb() -> float:
+    """This process's resident memory in MiB (Linux; NaN elsewhere): the run logs' leak check."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    except OSError:
+        return float("nan")
+
+
 def lr_factor(schedule: str, step: int, total: int, warmup_fraction: float = 0.2) -> float:
     """Learning-rate multiplier at ``step`` of ``total`` (a pure function, so resuming needs no state)."""
     t = step / max(1, total)
