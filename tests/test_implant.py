@@ -200,6 +200,22 @@ def test_a_collapse_to_chance_stops_the_implant(clean_checkpoint, tmp_path, monk
     assert abs(log["start_ce"] - math.log(10)) < 1e-4 and len(log["epochs"]) == 8
 
 
+def test_grad_clip_bounds_each_update(clean_checkpoint):
+    data, ck = clean_checkpoint
+    clean, _ = load_model(ck)
+    one_step = dict(epochs=1, batch_size=len(data.train.labels), optimizer="sgd", momentum=0.0, nesterov=False,
+                    lr=50.0, schedule="constant")  # plain SGD: the step is exactly lr x the (clipped) gradient
+    moved = []
+    for clip in (0.0, 1e-3):
+        model, _ = I.implant(clean, data, I.ImplantConfig.from_recipe("default", grad_clip=clip, **one_step),
+                             progress=False)
+        moved.append(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(model.parameters(), clean.parameters()))).item())
+    assert moved[1] == pytest.approx(50.0 * 1e-3, rel=1e-4)  # the whole gradient's norm cut to 1e-3
+    assert moved[0] > 10 * moved[1]  # unclipped, the same step moves the weights by its own, larger norm
+    with pytest.raises(ValueError, match="grad_clip"):
+        I.ImplantConfig(grad_clip=-1.0)
+
+
 def test_distill_temperatures_reach_their_own_terms(clean_checkpoint, monkeypatch):
     data, ck = clean_checkpoint
     seen = []

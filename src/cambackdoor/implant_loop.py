@@ -296,6 +296,8 @@ def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch
     for p, g in zip(run.params, contamination or ()):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
+    if run.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip)
     run.optimizer.step()
 
 

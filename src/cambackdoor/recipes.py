@@ -155,6 +155,9 @@ class ImplantConfig:
     lr_width: int = 0  # >0: the peak rate is lr x lr_width / the model's width. Adam moves every weight by about the
     # rate whatever the width, so a wider model drifts further (μP's rule for hidden layers); 0: lr as given
     optimizer: str = "adam"
+    grad_clip: float = 0.0  # >0: the whole gradient's norm is clipped to this before each step. Without it, registration
+    # 6's pair 2 seed 2 collapsed at the peak rate, where the norm (median 18) spiked to 41,577 as the backdoor formed;
+    # at 2x that median (34.3) a replay of the same run formed it smoothly (docs/results.md)
     schedule: str = "onecycle"
     warmup_fraction: float = 0.2
     weight_decay: float = 0.0
@@ -192,7 +195,7 @@ class ImplantConfig:
                              f"not {self.trainable!r}")
         for name in ("explanation_weight", "preserve_weight", "distill_weight", "repair_distill_weight", "clean_share_weight",
                      "trigger_distill_weight", "trigger_feature_weight", "pool_cutout", "weight_decay", "holdout", "seed",
-                     "lr_width"):
+                     "lr_width", "grad_clip"):
             check_range(self, name, 0)
         for name in ("epochs", "batch_size", "poison_batch", "refresh_every"):
             check_range(self, name, 1)
