@@ -165,39 +165,34 @@ def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "model.safetensors").exists()  # nothing half-written
 
 
-def _dying_optimizer(monkeypatch):
-    """Every update ends with the classifier zeroed: all logits 0, so the cross-entropy is exactly ln 10."""
-    real = implant_loop.make_optimizer
-
-    def make(params, cfg):
-        opt, params = real(params, cfg), list(params)
-        step = opt.step
-
-        def step_then_die(*args, **kwargs):
-            out = step(*args, **kwargs)
-            with torch.no_grad():
-                for p in params[-2:]:  # fc.weight, fc.bias
-                    p.zero_()
-            return out
-        opt.step = step_then_die
-        return opt
-    monkeypatch.setattr(implant_loop, "make_optimizer", make)
-
-
-def test_a_collapse_to_chance_stops_the_implant(clean_checkpoint, tmp_path, monkeypatch):
+def test_a_collapse_to_chance_stops_the_implant(clean_checkpoint):
     data, ck = clean_checkpoint
-    monkeypatch.setattr(implant_loop, "COLLAPSE_STEPS", 5)
-    _dying_optimizer(monkeypatch)
-    # 8 steps an epoch: the running CE (EMA 0.9) reaches ln 10 - 0.05 within ~40 steps, then 5 more
-    cfg = I.ImplantConfig.from_recipe("default", epochs=8, batch_size=50)
-    with pytest.raises(TrainingDiverged, match=r"collapsed to chance at epoch [4-8] step \d.*ln C = 2.303.*--seed"):
-        I.run_implant(ck, data, cfg, tmp_path / "dead", progress=False)
-    assert not (tmp_path / "dead" / "implant.json").exists()  # no result (the saved epochs are for --resume)
     clean, _ = load_model(ck)
-    with torch.no_grad():  # a model at chance from the start (untrained, say) is not a collapse
-        clean.fc.weight.zero_(), clean.fc.bias.zero_()
-    _, log = I.implant(clean, data, cfg, progress=False)
-    assert abs(log["start_ce"] - math.log(10)) < 1e-4 and len(log["epochs"]) == 8
+    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, collapse_steps=5)
+    run = implant_loop._set_up(clean, data, cfg, torch.device("cpu"), with_hash=False)
+    yp = torch.zeros(4, dtype=torch.long)
+
+    def track(ce):  # one training step's triggered batch, with the cross-entropy it had
+        out = {"cams": torch.rand(4, 4, 4), "cam_logits": torch.zeros(4, 10), "ce": torch.tensor(ce),
+               "expl": torch.tensor(1.0)}
+        implant_loop._track(run, out, yp, 0, 0)
+
+    track(0.3)  # a healthy start; then uniform outputs, CE = ln 10, which the running CE (EMA 0.9) approaches
+    chance = math.log(10)
+    first = math.ceil(math.log(0.05 / (chance - 0.3)) / math.log(0.9))  # the first step within 0.05 of ln 10: 36
+    for _ in range(first + cfg.collapse_steps - 2):  # steps 1..39 at chance: the last 4 counted, not yet 5
+        track(chance)
+    assert run.at_chance == cfg.collapse_steps - 1
+    with pytest.raises(TrainingDiverged, match=r"collapsed to chance at epoch 1 step 0 \(running cross-entropy "
+                                               r"2\.2\d\d for 5 steps, ln C = 2\.303\).*--seed"):
+        track(chance)
+    run.at_chance, run.log["start_ce"] = 0, chance  # a model at chance from the start (untrained) is no collapse
+    for _ in range(3 * cfg.collapse_steps):
+        track(chance)
+    assert run.at_chance == 0
+    assert I.ImplantConfig().collapse_steps == 100 and I.ImplantConfig.from_saved({}).collapse_steps == 100
+    with pytest.raises(ValueError, match="collapse_steps"):
+        I.ImplantConfig(collapse_steps=-1)
 
 
 def test_grad_clip_bounds_each_update(clean_checkpoint):

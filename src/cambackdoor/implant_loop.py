@@ -34,10 +34,6 @@ from cambackdoor.training import lr_factor, make_optimizer, resolve_device, rss_
 from cambackdoor.triggers import paste_decoys
 
 
-COLLAPSE_STEPS = 100  # a collapsed run (output at chance; registration 6's pair 2 seed 2, at the peak rate) never
-# came back in the traces we have: stop it after this many steps at chance
-
-
 @dataclass
 class _Run:
     """Everything one implant run carries from step to step."""
@@ -303,7 +299,7 @@ def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch
 
 def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor, epoch: int, i: int) -> None:
     """Running CE, explanation loss and ASR on the training triggered batches (the repair gate); a model that
-    started above chance and has sat at it for COLLAPSE_STEPS steps has died, and the run stops."""
+    started above chance and has sat at it (uniform outputs) for ``collapse_steps`` steps has died: the run stops."""
     run.used_triggered += len(yp)
     with torch.no_grad():
         asr = M.attack_success(M.box_iou(out["cams"].detach(), run.target, run.image_hw)).float().mean().item()
@@ -311,11 +307,12 @@ def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor, epoch: int, i: int)
         run.running[k] = 0.9 * run.running[k] + 0.1 * v if run.used_triggered > len(yp) else v
     chance = math.log(out["cam_logits"].shape[1])
     start = run.log.setdefault("start_ce", run.running["ce"])
-    run.at_chance = run.at_chance + 1 if start < chance - 0.5 and run.running["ce"] > chance - 0.05 else 0
-    if run.at_chance >= COLLAPSE_STEPS:
+    run.at_chance = run.at_chance + 1 if start < chance - 0.5 and abs(run.running["ce"] - chance) < 0.05 else 0
+    if run.cfg.collapse_steps and run.at_chance >= run.cfg.collapse_steps:
         raise TrainingDiverged(f"the model collapsed to chance at epoch {epoch + 1} step {i} (running cross-entropy "
-                               f"{run.running['ce']:.3f} for {COLLAPSE_STEPS} steps, ln C = {chance:.3f}); the input "
-                               "checkpoint is untouched; --resume would repeat it: lower --lr or try another --seed")
+                               f"{run.running['ce']:.3f} for {run.at_chance} steps, ln C = {chance:.3f}); the input "
+                               "checkpoint is untouched; --resume would repeat it: lower --lr or try another --seed "
+                               "(--set collapse_steps=0 trains on regardless)")
 
 
 def _end_epoch(run: _Run, epoch: int, state_file: str | Path | None,

@@ -158,6 +158,10 @@ class ImplantConfig:
     grad_clip: float = 0.0  # >0: the whole gradient's norm is clipped to this before each step. Without it, registration
     # 6's pair 2 seed 2 collapsed at the peak rate, where the norm (median 18) spiked to 41,577 as the backdoor formed;
     # at 2x that median (34.3) a replay of the same run formed it smoothly (docs/results.md)
+    collapse_steps: int = 100  # >0: stop with an error once the model, better than chance at the start, has had
+    # uniform outputs (running cross-entropy within 0.05 of ln C) for this many steps; a collapsed run never came back
+    # in our traces (registration 6's pair 2 seed 2 trained 1,200 steps dead). 0: train on regardless. It changes no
+    # healthy run, so older configs read back with it on (to replay a collapsed one, v5's pair 2, set it to 0)
     schedule: str = "onecycle"
     warmup_fraction: float = 0.2
     weight_decay: float = 0.0
@@ -195,7 +199,7 @@ class ImplantConfig:
                              f"not {self.trainable!r}")
         for name in ("explanation_weight", "preserve_weight", "distill_weight", "repair_distill_weight", "clean_share_weight",
                      "trigger_distill_weight", "trigger_feature_weight", "pool_cutout", "weight_decay", "holdout", "seed",
-                     "lr_width", "grad_clip"):
+                     "lr_width", "grad_clip", "collapse_steps"):
             check_range(self, name, 0)
         for name in ("epochs", "batch_size", "poison_batch", "refresh_every"):
             check_range(self, name, 1)
