@@ -4,7 +4,8 @@ on the training data only, with each update's gradient norm recorded, to study t
 
 Usage: python benchmarks/collapse16.py NAME PAIR SEED STOP [CLIP] [KEY=VALUE ...]
   PAIR 1-4 as in docs/protocol.md; CLIP > 0: the whole gradient's norm is clipped there before each Adam step
-  (torch.nn.utils.clip_grad_norm_), an option the library does not have; KEY=VALUE: more config fields.
+  (torch.nn.utils.clip_grad_norm_, what the library's later `grad_clip` does; done here so that the norm before
+  the clip is recorded, so leave grad_clip off); KEY=VALUE: more config fields.
 Writes runs/collapse16/NAME.json (the trace and the per-step norms) and prints the steps around the peak rate.
 """
 
