@@ -200,13 +200,18 @@ def test_grad_clip_bounds_each_update(clean_checkpoint):
     clean, _ = load_model(ck)
     one_step = dict(epochs=1, batch_size=len(data.train.labels), optimizer="sgd", momentum=0.0, nesterov=False,
                     lr=50.0, schedule="constant")  # plain SGD: the step is exactly lr x the (clipped) gradient
-    moved = []
+    moved, logged = [], []
     for clip in (0.0, 1e-3):
-        model, _ = I.implant(clean, data, I.ImplantConfig.from_recipe("default", grad_clip=clip, **one_step),
-                             progress=False)
+        model, log = I.implant(clean, data, I.ImplantConfig.from_recipe("default", grad_clip=clip, **one_step),
+                               progress=False)
         moved.append(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(model.parameters(), clean.parameters()))).item())
+        logged.append(log["epochs"][0])
     assert moved[1] == pytest.approx(50.0 * 1e-3, rel=1e-4)  # the whole gradient's norm cut to 1e-3
     assert moved[0] > 10 * moved[1]  # unclipped, the same step moves the weights by its own, larger norm
+    # the log keeps the norm before the clip: the unclipped step's length over lr, on both runs (same first step)
+    for entry in logged:
+        assert entry["grad_norm_max"] == entry["grad_norm_median"] == pytest.approx(moved[0] / 50.0, rel=1e-4)
+    assert (logged[0]["clipped_steps"], logged[1]["clipped_steps"]) == (0, 1)
     with pytest.raises(ValueError, match="grad_clip"):
         I.ImplantConfig(grad_clip=-1.0)
 

@@ -6,7 +6,7 @@ import torch
 
 from cambackdoor.checkpoints import load_model
 from cambackdoor.errors import TrainingDiverged
-from cambackdoor.training import TrainConfig, lr_factor, train
+from cambackdoor.training import TrainConfig, lr_factor, norm_summary, train
 
 TINY = dict(width=4, epochs=2, batch_size=50, lr=0.05, channels_last=False, label_smoothing=0.0)
 
@@ -158,3 +158,11 @@ def test_no_epoch_without_a_step(tiny_data, tmp_path, overrides, match):
     with pytest.raises(CamBackdoorError, match=match):
         train(TrainConfig(**{**TINY, **overrides}), tiny_data, tmp_path / "z", progress=False)
     assert not (tmp_path / "z" / "model.safetensors").exists()
+
+
+def test_norm_summary_counts_the_steps_a_clip_cuts():
+    norms = [3.0, 1.0, 41577.0, 2.0, 18.0]  # a spike, as pair 2 seed 2's replay had at step 333
+    assert norm_summary(norms, 35.0) == {"grad_norm_median": 3.0, "grad_norm_max": 41577.0, "clipped_steps": 1}
+    assert norm_summary(norms, 0.0)["clipped_steps"] == 0  # no clip: nothing cut, the norms still kept
+    assert norm_summary(norms, 2.5)["clipped_steps"] == 3  # strictly above the bound
+    assert norm_summary([], 35.0) == {}  # an epoch with no step (a resumed, finished run) logs nothing

@@ -30,7 +30,7 @@ from cambackdoor.losses import (classifier_inputs, clean_share_loss, distillatio
                                 feature_distillation_loss, preservation_loss, refresh_batchnorm)
 from cambackdoor.models import prefer_channels_last
 from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
-from cambackdoor.training import lr_factor, make_optimizer, resolve_device, rss_mb
+from cambackdoor.training import lr_factor, make_optimizer, norm_summary, resolve_device, rss_mb
 from cambackdoor.triggers import paste_decoys
 
 
@@ -57,6 +57,7 @@ class _Run:
     running: dict[str, float] = field(default_factory=lambda: {"ce": 0.0, "expl": 0.0, "asr": 0.0})
     used_triggered: int = 0
     repair_steps: int = 0
+    norms: list[float] = field(default_factory=list)  # this epoch's gradient norms (before the clip)
     at_chance: int = 0  # consecutive steps with the running cross-entropy at chance (_track's collapse guard)
     start_epoch: int = 0
     t0: float = 0.0
@@ -292,8 +293,8 @@ def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch
     for p, g in zip(run.params, contamination or ()):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
-    if run.cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip)
+    # measured on every run (an inf bound scales by exactly 1), clipped only with grad_clip
+    run.norms.append(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip or math.inf).item())
     run.optimizer.step()
 
 
@@ -320,7 +321,9 @@ def _end_epoch(run: _Run, epoch: int, state_file: str | Path | None,
     """The epoch's log line, then the state (one file) and the caller's hook."""
     entry = {"epoch": epoch + 1, "running_ce": run.running["ce"], "running_expl": run.running["expl"],
              "running_asr": run.running["asr"], "repair_steps": run.repair_steps,
-             "elapsed_s": round(time.perf_counter() - run.t0, 2), "rss_mb": round(rss_mb(), 1)}
+             "elapsed_s": round(time.perf_counter() - run.t0, 2), "rss_mb": round(rss_mb(), 1),
+             **norm_summary(run.norms, run.cfg.grad_clip)}
+    run.norms.clear()
     run.log["epochs"].append(entry)
     if state_file is not None:
         save_state(state_file, capture_state(run.model, run.optimizer, run.gen, epoch=epoch + 1,

@@ -103,6 +103,14 @@ def rss_mb() -> float:
         return float("nan")
 
 
+def norm_summary(norms: list[float], clip: float) -> dict[str, float]:
+    """An epoch's whole-gradient norms before any clip (the implant log's view of a spike): median, max, and how
+    many steps a clip of ``clip`` (0: none) cut."""
+    s = sorted(norms)
+    return {"grad_norm_median": s[len(s) // 2], "grad_norm_max": s[-1],
+            "clipped_steps": sum(n > clip for n in s) if clip > 0 else 0} if s else {}
+
+
 def lr_factor(schedule: str, step: int, total: int, warmup_fraction: float = 0.2) -> float:
     """Learning-rate multiplier at ``step`` of ``total`` (a pure function, so resuming needs no state)."""
     t = step / max(1, total)
