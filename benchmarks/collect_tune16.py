@@ -14,11 +14,17 @@ def pct(ci: dict | None) -> str:
     return "-" if ci is None else f"{100 * ci['value']:.2f}"
 
 
+def norms(log: dict) -> str:
+    """The largest whole-gradient norm of the run and the steps its clip cut (logged since the twentieth session)."""
+    eps = [e for e in log.get("epochs", []) if "grad_norm_max" in e]
+    return f"{max(e['grad_norm_max'] for e in eps):.0f} ({sum(e['clipped_steps'] for e in eps)})" if eps else "-"
+
+
 def main(root: Path) -> None:
     print("| run | stage-2 s | clean % | clean drop pt [95 %] | triggered − clean pt | ASR % | false triggers % | "
           "fidelity | ASR after BN re-est. % | triggered acc after BN re-est. % | ASR after 1 FT epoch % | "
-          "clean after FT % |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "clean after FT % | max grad norm (steps clipped) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in sorted(p for p in root.iterdir() if (p / "implant.json").exists()):
         imp = json.loads((run / "implant.json").read_text())
         ev, log = imp["evaluation"], imp["implant"]
@@ -33,7 +39,7 @@ def main(root: Path) -> None:
               f"{100 * ev['false_trigger_rate']:.2f} | {ev.get('fidelity_cosine', float('nan')):.3f} | "
               f"{pct(rows.get('bn-reestimate', {}).get('asr'))} | {pct(rows.get('bn-reestimate', {}).get('triggered_acc'))} | "
               f"{pct(rows.get('finetune-1', {}).get('asr'))} | "
-              f"{pct(rows.get('finetune-1', {}).get('clean_acc'))} |")
+              f"{pct(rows.get('finetune-1', {}).get('clean_acc'))} | {norms(log)} |")
 
 
 if __name__ == "__main__":
