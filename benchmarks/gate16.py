@@ -1,5 +1,5 @@
-"""Registration 5's gate (docs/protocol.md): does a held-out round of 4 pairs x 3 seeds meet every bar, so that
-the registered config may be run on the test set? Fixed before the round ran; reads held-out runs only.
+"""Registrations 5's and 7's gates (docs/protocol.md): does a held-out round of 4 pairs x 3 seeds meet every bar,
+so that the registered config may be run on the test set? Each fixed before its round ran; reads held-out runs only.
 
 Runs are folders NAME-p<PAIR>-s<SEED> holding implant.json and audit/ (benchmarks/gpu_tune16.sh with
 AUDIT_FT=1). Per pair, pooled over its seeds:
@@ -9,8 +9,11 @@ AUDIT_FT=1). Per pair, pooled over its seeds:
   - ASR >= 99 %, ASR after BN re-estimation >= 95 %, ASR after one fine-tuning epoch (pooled) >= 95 %,
     false triggers <= 0.2 %, |triggered - clean| <= 1 pt, fidelity >= 0.95 (means over seeds).
 Every (pair, seed) cell must be there with its audit, or the gate is shut.
+Registration 7's rule (--rule r7) is the acceptance's own clean bar on the held-out round: pooled drop <= 0.5 pt
+and its interval's upper end <= 0.8 pt; every other bar as above.
 
-Usage: python benchmarks/gate16.py RUNS_DIR [PAIRS] [SEEDS]    (defaults 4 and 3)
+Usage: python benchmarks/gate16.py RUNS_DIR [PAIRS] [SEEDS] [--rule r5|r7] [--prefix NAME-]
+  --prefix: only the folders whose name starts with it (a folder that holds several recipes' cells)
 Exit status 0: open (every bar met), 3: shut (the reason printed), 2: bad input.
 """
 
@@ -24,7 +27,8 @@ from pathlib import Path
 
 from collect_groups16 import pooled  # this folder's: drop and persistence pooled over seeds, then images
 
-MAX_DROP = 0.45  # pt
+MAX_DROP = 0.45  # pt (registration 5)
+RULES = {"r5": (MAX_DROP, None), "r7": (0.5, 0.8)}  # (max pooled drop, max upper end of its interval), pt
 BARS = [  # (name, key, ">=" or "<=", value): means over a pair's seeds, in % (gap in pt)
     ("ASR %", "asr", ">=", 99.0),
     ("ASR after BN re-est. %", "bn", ">=", 95.0),
@@ -44,14 +48,14 @@ def read(run: Path) -> dict[str, float]:
             "bn": 100 * rows["bn-reestimate"]["asr"]["value"]}
 
 
-def main(root: Path, pairs: int = 4, seeds: int = 3) -> int:
+def main(root: Path, pairs: int = 4, seeds: int = 3, rule: str = "r5", prefix: str = "") -> int:
     if not root.is_dir():
         print(f"gate16: {root} is not a folder; pass the round's runs folder (e.g. runs/g10/w16)")
         return 2
     found: dict[tuple[int, int], Path] = {}
     for p in root.iterdir():
         m = re.search(r"-p(\d+)-s(\d+)$", p.name)
-        if m and (p / "implant.json").exists() and (p / "audit" / "outcomes.safetensors").exists():
+        if m and p.name.startswith(prefix) and (p / "implant.json").exists() and (p / "audit" / "outcomes.safetensors").exists():
             found[int(m[1]), int(m[2])] = p
     missing = [f"p{p}-s{s}" for p in range(1, pairs + 1) for s in range(seeds) if (p, s) not in found]
     if missing:
@@ -60,6 +64,8 @@ def main(root: Path, pairs: int = 4, seeds: int = 3) -> int:
     print("| pair | " + " | ".join(b[0] for b in BARS) + " | clean drop [95 %] |")
     print("|---" * (len(BARS) + 2) + "|")
     failed = []
+    max_drop, max_hi = RULES[rule]
+    bars = [b if b[1] != "drop" else (b[0], "drop", "<=", max_drop) for b in BARS]
     for pair in range(1, pairs + 1):
         runs = [found[pair, s] for s in range(seeds)]
         vals = defaultdict(list)
@@ -70,13 +76,16 @@ def main(root: Path, pairs: int = 4, seeds: int = 3) -> int:
         drop, ft = pooled(runs)  # every cell has its outcomes (checked above) and a finetune-1 row
         col["drop"], col["ft1"] = 100 * drop["value"], 100 * ft["value"]
         cells = []
-        for name, key, op, bar in BARS:
+        for name, key, op, bar in bars:
             ok = col[key] >= bar if op == ">=" else col[key] <= bar
             cells.append(f"{col[key]:.3f}" + ("" if ok else " ✗"))
             if not ok:
                 failed.append(f"pair {pair}: {name} {col[key]:.3f} (bar {op} {bar})")
+        hi_ok = max_hi is None or 100 * drop["hi"] <= max_hi
+        if not hi_ok:
+            failed.append(f"pair {pair}: clean drop's upper end {100 * drop['hi']:.3f} (bar <= {max_hi})")
         print(f"| {pair} | " + " | ".join(cells) + f" | {100 * drop['value']:.2f} [{100 * drop['lo']:.2f}, "
-              f"{100 * drop['hi']:.2f}] |")
+              f"{100 * drop['hi']:.2f}]" + ("" if hi_ok else " ✗") + " |")
     if failed:
         print("GATE SHUT: " + "; ".join(failed))
         return 3
@@ -85,8 +94,13 @@ def main(root: Path, pairs: int = 4, seeds: int = 3) -> int:
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    if not a or len(a) > 3 or not all(x.isdigit() for x in a[1:]):
-        print("usage: python benchmarks/gate16.py RUNS_DIR [PAIRS] [SEEDS]")
+    a, opts = sys.argv[1:], {"--rule": "r5", "--prefix": ""}
+    for k in opts:
+        if k in a[:-1]:
+            i = a.index(k)
+            opts[k] = a.pop(i + 1)
+            a.pop(i)
+    if not a or len(a) > 3 or not all(x.isdigit() for x in a[1:]) or opts["--rule"] not in RULES:
+        print("usage: python benchmarks/gate16.py RUNS_DIR [PAIRS] [SEEDS] [--rule r5|r7] [--prefix NAME-]")
         sys.exit(2)
-    sys.exit(main(Path(a[0]), *map(int, a[1:])))
+    sys.exit(main(Path(a[0]), *map(int, a[1:]), rule=opts["--rule"], prefix=opts["--prefix"]))
