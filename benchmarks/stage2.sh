@@ -116,8 +116,9 @@ case "${1:-all}" in
     shift; for s in "$@"; do
       name=${s%%|*}; out=runs/tune16/$name
       # FORK=path/to/state.safetensors: go on from that run's saved epoch (configs that share it)
+      # --resume (not with FORK, which starts a branch): a cell cut mid-run goes on from its last saved epoch
       [ -f $out/implant.json ] || timed tune16-$name cambackdoor implant --checkpoint $HCK --holdout 5000 ${s#*|} \
-        ${FORK:+--branch-from $FORK} --out $out --no-progress
+        ${FORK:+--branch-from $FORK} $([ -n "${FORK:-}" ] || echo --resume) --out $out --no-progress
       [ -f $out/audit/audit.json ] || timed tune16-audit-$name cambackdoor audit --checkpoint $out/model.safetensors \
         --reference $HCK --holdout 5000 --defences bn-reestimate,finetune --explainers gradcam@layer4 \
         ${AUDIT_SET:+--set $AUDIT_SET} --out $out/audit --no-progress  # AUDIT_SET=finetune_epochs=1,5: also 5 epochs
