@@ -2,6 +2,7 @@
 # Registration 7 on a GPU (docs/protocol.md), in two device calls (each fits the 600-s limit), carrying `.gpu`
 # (the data) and, for the second, `runs/g12` (the gate's cells):
 #   bash benchmarks/gpu_r7.sh gate "$OUT"     round G12 (12 held-out cells, ~5 min on an H200), then the gate
+#   (between them, here: mkdir -p runs/g12 && tar -xzf FILES_AT/results.tar.gz -C runs/g12, which gives runs/g12/w16)
 #   bash benchmarks/gpu_r7.sh accept "$OUT"   the 12 test-set cells, refused unless the gate is open
 # The gate is checked again in the second call, from the carried cells: the test set is read only behind it.
 set -uo pipefail
