@@ -34,7 +34,8 @@ def main(root: Path) -> None:
         drop = m.get("clean_drop_vs_reference")
         gap = m.get("triggered_gap")
         print(f"| {run.name} | {log['train_s']:.0f} | {100 * ev['clean_acc']:.2f} | "
-              + (f"{100 * drop['diff']:+.2f} [{100 * drop['lo']:+.2f}, {100 * drop['hi']:+.2f}]" if drop else "-")
+              # the audit's difference is model - stage 1; the column is the drop (stage 1 - model), as docs write it
+              + (f"{-100 * drop['diff']:.2f} [{-100 * drop['hi']:.2f}, {-100 * drop['lo']:.2f}]" if drop else "-")
               + " | " + ("-" if gap is None else f"{100 * gap['diff']:+.2f}") + f" | {100 * ev['asr']:.2f} | "
               f"{100 * ev['false_trigger_rate']:.2f} | {ev.get('fidelity_cosine', float('nan')):.3f} | "
               f"{pct(rows.get('bn-reestimate', {}).get('asr'))} | {pct(rows.get('bn-reestimate', {}).get('triggered_acc'))} | "
