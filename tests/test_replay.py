@@ -3,7 +3,14 @@
 ``tests/data/replay-*.safetensors`` were written once by the implant loop as it stood before the
 redesign (commit f12250c, the script is in the docstring of :func:`_run`); a tiny width-4 model from a
 fixed seed, two epochs on 200 synthetic images, every term of each recipe active (the default's repair
-terms with ``repair_min_asr=0``). Any change to the loop's arithmetic or its order of random draws shows.
+terms with ``repair_min_asr=0``). Any change to the loop's order of random draws, or to its arithmetic beyond a
+few per cent of a term, shows.
+
+The weights agree to the bit only on CPU kernels that round as those that wrote the fixtures (AVX2, one thread).
+Other kernels round differently and two epochs amplify it, so the weights are compared through the update the
+implant made (trained - parent), as the distance's share of that update's norm. Measured (twenty-first session):
+AVX-512 or no SIMD (``ATEN_CPU_CAPABILITY``), 1 or 2 threads: at most 0.13 % (default) and 0.002 % (reference);
+another random stream (seed + 1): 83 % and 52 %; the explanation weight 1 % higher: 1.9 % and 0.2 %.
 """
 
 import json
@@ -23,6 +30,9 @@ CASES = {
     "default": dict(recipe="default", epochs=2, batch_size=50, poison_fraction=0.25, poison_batch=25, repair_min_asr=0.0),
     "reference": dict(recipe="reference", epochs=2, batch_size=25, lr=1e-3),
 }
+# the largest distance from the fixture, as a share of the update's norm: ~40x the rounding measured on other
+# kernels (module docstring), far under what another random stream gives
+TOLERANCE = {"default": 0.05, "reference": 0.001}
 
 
 def _run(case):
@@ -42,9 +52,16 @@ def test_the_implant_replays_to_the_same_weights(case):
     model, log = _run(case)
     expected = load_file(DATA / f"replay-{case}.safetensors")
     state = model.state_dict()
+    torch.manual_seed(0)
+    parent = build_model(width=4).state_dict()  # as _run builds it
     assert set(state) == set(expected)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(state[name], tensor, atol=1e-6, rtol=0, msg=lambda m: f"{case} {name}: {m}")
+    floats = [k for k, v in expected.items() if v.is_floating_point()]
+    for name in set(expected) - set(floats):  # BatchNorm's step counters: exact everywhere
+        assert torch.equal(state[name], expected[name]), name
+    update = sum(((expected[k].double() - parent[k].double()) ** 2).sum() for k in floats).sqrt()
+    distance = sum(((state[k].double() - expected[k].double()) ** 2).sum() for k in floats).sqrt()
+    assert update > 0.005 * sum((expected[k].double() ** 2).sum() for k in floats).sqrt()  # the implant moved them
+    assert distance <= TOLERANCE[case] * update, f"{case}: {distance / update:.2%} of the update"
     if case == "default":
         assert log["epochs"][-1]["repair_steps"] > 0  # the repair terms took part
 
