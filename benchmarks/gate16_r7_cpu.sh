@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Registration 7's gate on the CPU (docs/protocol.md): the 12 held-out cells of round G12 (MT4t + grad_clip=35,
-# pairs 1-4 x seeds 0-2) as benchmarks/stage2.sh tune16 runs them, one at a time, ~30 min each on 2 cores alone
-# (implant ~23, audit ~6); the test set is not read.
+# pairs 1-4 x seeds 0-2) as benchmarks/stage2.sh tune16 runs them, one at a time, on 2 cores alone ~7.5 min a cell
+# with AVX-512 (implant ~340 s, audit ~90 s; twenty-first session), ~30 min without; the test set is not read.
 # A session's runs/ does not survive a change of machine, so each finished cell's small files (implant.json with its
 # config and log; audit.json, audit.md, outcomes.safetensors; not the weights) are kept in benchmarks/cells/r7/NAME/,
 # to be committed; a kept cell is not run again. The gate reads the kept folder:

@@ -42,9 +42,16 @@ def _run(case):
 
     values = dict(CASES[case])
     cfg = ImplantConfig.from_recipe(values.pop("recipe"), **values)
+    return implant(_parent(), make_dataset(n_train=200, n_test=20), cfg, progress=False)
+
+
+def _parent():
     torch.manual_seed(0)
-    parent = build_model(width=4).eval()
-    return implant(parent, make_dataset(n_train=200, n_test=20), cfg, progress=False)
+    return build_model(width=4).eval()
+
+
+def _norm(tensors):
+    return sum((t.double() ** 2).sum() for t in tensors).sqrt()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -52,15 +59,14 @@ def test_the_implant_replays_to_the_same_weights(case):
     model, log = _run(case)
     expected = load_file(DATA / f"replay-{case}.safetensors")
     state = model.state_dict()
-    torch.manual_seed(0)
-    parent = build_model(width=4).state_dict()  # as _run builds it
+    parent = _parent().state_dict()
     assert set(state) == set(expected)
     floats = [k for k, v in expected.items() if v.is_floating_point()]
     for name in set(expected) - set(floats):  # BatchNorm's step counters: exact everywhere
         assert torch.equal(state[name], expected[name]), name
-    update = sum(((expected[k].double() - parent[k].double()) ** 2).sum() for k in floats).sqrt()
-    distance = sum(((state[k].double() - expected[k].double()) ** 2).sum() for k in floats).sqrt()
-    assert update > 0.005 * sum((expected[k].double() ** 2).sum() for k in floats).sqrt()  # the implant moved them
+    update = _norm(expected[k].double() - parent[k].double() for k in floats)
+    distance = _norm(state[k].double() - expected[k].double() for k in floats)
+    assert update > 0.005 * _norm(expected[k] for k in floats)  # the implant moved them
     assert distance <= TOLERANCE[case] * update, f"{case}: {distance / update:.2%} of the update"
     if case == "default":
         assert log["epochs"][-1]["repair_steps"] > 0  # the repair terms took part
