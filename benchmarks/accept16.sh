@@ -12,6 +12,8 @@ set -uo pipefail
 workers=${1:-1} device=${2:-auto} pack=${3:-}
 export CK=${CK:-benchmarks/models/stage1-cpu/model.safetensors} DEVICE=$device R=${R:-runs/accept16}  # 4b: CK, R
 export RECIPE=${RECIPE:-persistent} FLAGS=${FLAGS:-}  # a later registration names its recipe and flags here
+# the defences each audit measures (registration 8, width 64 on a GPU, measures only the bars' two)
+export AUDIT=${AUDIT:-"--defences bn-reestimate,finetune,fine-prune --set finetune_epochs=1,5"}
 declare -A PAIR=(
   [1]="--trigger yellow:4@bottom-right --target top-left:8"
   [2]="--trigger checkerboard:3@top-right --target bottom-left:8"
@@ -28,9 +30,9 @@ one() {  # "P S FLAGS": implant pair P with seed S, then audit it against the st
   [ -f $o/implant.json ] || cb implant --checkpoint $CK --recipe $RECIPE $FLAGS --seed $s $@ --device $DEVICE --resume \
     --out $o --no-progress >>$o.implant.log 2>&1 || { echo "FAIL implant p$p-s$s: $(tail -1 $o.implant.log)"; return 0; }
   local a=$(date +%s)
-  [ -f $o/audit/audit.json ] || cb audit --checkpoint $o/model.safetensors --reference $CK \
-    --defences bn-reestimate,finetune,fine-prune --explainers gradcam@layer4 --set finetune_epochs=1,5 \
-    --device $DEVICE --out $o/audit --no-progress >>$o.audit.log 2>&1 \
+  # shellcheck disable=SC2086
+  [ -f $o/audit/audit.json ] || cb audit --checkpoint $o/model.safetensors --reference $CK $AUDIT \
+    --explainers gradcam@layer4 --device $DEVICE --out $o/audit --no-progress >>$o.audit.log 2>&1 \
     || { echo "FAIL audit p$p-s$s: $(tail -1 $o.audit.log)"; return 0; }
   echo "done p$p-s$s implant_s=$(( a - t )) audit_s=$(( $(date +%s) - a ))"
 }
@@ -44,4 +46,5 @@ pack() {
 for p in 1 2 3 4; do for s in 0 1 2; do printf '%s %s %s\0' $p $s "${PAIR[$p]}"; done; done \
   | xargs -0 -P "$workers" -I{} bash -c 'one $1' _ {} | tee -a $R/accept.log
 kill $packer 2>/dev/null; pack
-if [ -n "$pack" ]; then for p in 1 2 3 4; do (cd "$(dirname $R)" && tar -cf "$pack/models-p$p.tar" "$(basename $R)"/p$p-s*/model.*) 2>/dev/null; done; fi
+# PACK_MODELS=0: not the weights (a width-64 pair's are ~135 MB, over what the device tool returns)
+if [ -n "$pack" ] && [ "${PACK_MODELS:-1}" = 1 ]; then for p in 1 2 3 4; do (cd "$(dirname $R)" && tar -cf "$pack/models-p$p.tar" "$(basename $R)"/p$p-s*/model.*) 2>/dev/null; done; fi

@@ -39,6 +39,10 @@ def pair_row(runs: list[Path]) -> tuple[list[str], bool]:
     out = [load_file(str(r / "audit" / "outcomes.safetensors")) for r in runs]
     cells, ok = [], True
     for _, row, metric, bar in ASR_COLUMNS:
+        if any(f"{row}/{metric}" not in o for o in out):  # a defence this registration's audit left out
+            cells.append("not measured" if bar is None else "missing ✗")
+            ok &= bar is None
+            continue
         p = stats.pooled([o[f"{row}/{metric}"] for o in out])
         mark = passes(100 * p["value"], bar)
         ok &= mark != " ✗"
