@@ -4,6 +4,8 @@
 # Trains the `fast` stage-1 model (seed 0, all 50,000 training images; its weights come back as three 15 MB parts,
 # benchmarks/gpu_stage1_fast.sh), then runs the 12 test-set cells side by side. Run again on the same warm machine,
 # it skips what is finished and resumes a cut implant from its last epoch (a cut cell has read no test image).
+# `.gpu` once, here (19 MB; the 62 MB zip is too near the device tool's 64 MiB): unzip -q ../shared/data/cifar10-jpeg.zip
+#   -d /tmp/c && mkdir -p .gpu && tar -cJf .gpu/cifar.tar.xz -C /tmp/c train test
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_r8_w64.sh OUT}
 mkdir -p /tmp/cifar "$out" && [ -n "$(ls /tmp/cifar)" ] || tar -xJf .gpu/cifar.tar.xz -C /tmp/cifar
