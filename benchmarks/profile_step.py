@@ -41,7 +41,7 @@ def main(steps: int = 15, recipe: str = "persistent", overrides: dict | None = N
     run.running["asr"] = 1.0  # the repair phase: every term on
     grad_cam = L.grad_cam
     L.grad_cam = lambda m, x, *a, **k: timed(  # noqa: E731
-        "teacher's CAM" if m is run.teacher else "student's CAMs (create_graph)", grad_cam)(m, x, *a, **k)
+        "teacher's CAM" if m is run.teacher_rest else "student's CAMs (create_graph)", grad_cam)(m, x, *a, **k)
     L.refresh_batchnorm = timed("refresh pass", L.refresh_batchnorm)
     L._update = timed("backward + optimizer step", L._update)
     run.model.train(not cfg.freeze_bn)

@@ -466,3 +466,40 @@ def test_channels_last_is_the_same_update_in_another_layout_and_is_refused_where
 
     with pytest.raises(CamBackdoorError, match="channels_last on the CPU needs a model of width >= 16"):
         I.implant(load_model(ck8)[0], data8, I.ImplantConfig(channels_last=True, batch_size=100), progress=False)
+
+
+def test_shared_prefix_is_the_same_update_with_one_prefix_pass_and_leaves_its_statistics_alone(clean_checkpoint):
+    """trainable=layer3,layer4,fc: the stem, layer1 and layer2 are frozen, so shared_prefix runs them once per image
+    (no grad, 100 clean + 10 triggered + 10 untriggered = the two passes below) instead of once per network. Without
+    the refresh that is the same update as the plain run (to rounding: the same sums, another order); with it, the
+    prefix's running statistics stay at stage 1's while layer3's still move. Bad combinations are refused."""
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    def run(shared: bool, **kw):
+        clean, _ = load_model(ck)
+        seen: list[tuple[int, bool]] = []
+        clean.layer1.register_forward_pre_hook(lambda _m, inputs: seen.append((len(inputs[0]), torch.is_grad_enabled())))
+        cfg = I.ImplantConfig.from_recipe("persistent", epochs=1, batch_size=100, poison_batch=10, poison_fraction=0.25,
+                                          trainable="layer3,layer4,fc", shared_prefix=shared, **kw)
+        model, _ = I.implant(clean, data, cfg, progress=False)
+        return clean, model, seen
+
+    clean, plain, seen_plain = run(False, clean_bn_stats="off")
+    _, shared, seen_shared = run(True, clean_bn_stats="off")
+    steps = 4  # 400 images, batch 100
+    assert seen_shared == [(100, False), (20, False)] * steps  # each image once through the prefix, without a graph
+    assert len(seen_plain) > len(seen_shared)  # student, teacher (and CAM) passes, each through the prefix
+    moved = (plain.layer3[0].conv1.weight - clean.layer3[0].conv1.weight).norm()
+    assert moved > 0 and (plain.layer3[0].conv1.weight - shared.layer3[0].conv1.weight).norm() < 1e-3 * moved
+    assert torch.allclose(plain.fc.weight, shared.fc.weight, atol=1e-5)
+    assert torch.equal(shared.layer2[0].conv1.weight, clean.layer2[0].conv1.weight)
+
+    clean, model, _ = run(True, bn_momentum=0.5)  # persistent: the refresh pass on the clean batch
+    assert torch.equal(model.bn1.running_mean, clean.bn1.running_mean)
+    assert torch.equal(model.layer2[1].bn2.running_var, clean.layer2[1].bn2.running_var)
+    assert not torch.allclose(model.layer3[0].bn1.running_mean, clean.layer3[0].bn1.running_mean)
+    for bad, match in (({"trainable": "all"}, "frozen prefix"), ({"freeze_bn": False, "trainable": "layer4"}, "freeze_bn"),
+                       ({"trainable": "fc"}, "CAM layer layer4 is in the frozen prefix")):
+        with pytest.raises(ValueError, match=match):
+            I.ImplantConfig(shared_prefix=True, **bad)

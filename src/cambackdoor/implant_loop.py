@@ -7,10 +7,8 @@ The terms are in :mod:`cambackdoor.losses`, the switches and recipes in :mod:`ca
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,49 +18,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cambackdoor import metrics as M
-from cambackdoor.checkpoints import (capture_state, restore_state, save_state, state_config_hash, weights_digest,
-                                     weights_path)
+from cambackdoor.checkpoints import state_config_hash, weights_digest, weights_path
 from cambackdoor.config import config_hash
 from cambackdoor.data import Cifar10, batches, cutout, holdout_split, random_crop_flip, to_float
 from cambackdoor.errors import CamBackdoorError, TrainingDiverged
 from cambackdoor.gradcam import grad_cam
+from cambackdoor.implant_run import Run, end_epoch, finish, resume_from
 from cambackdoor.losses import (classifier_inputs, clean_share_loss, distillation_loss, explanation_loss,
                                 feature_distillation_loss, preservation_loss, refresh_batchnorm)
-from cambackdoor.models import prefer_channels_last
-from cambackdoor.recipes import ImplantConfig, peak_lr, trainable_parameters
-from cambackdoor.training import lr_factor, make_optimizer, norm_summary, resolve_device, rss_mb
+from cambackdoor.models import prefer_channels_last, split_trunk
+from cambackdoor.recipes import ImplantConfig, frozen_prefix_units, peak_lr, trainable_parameters
+from cambackdoor.training import lr_factor, make_optimizer, resolve_device, rss_mb
 from cambackdoor.triggers import paste_decoys
-
-
-@dataclass
-class _Run:
-    """Everything one implant run carries from step to step."""
-
-    cfg: ImplantConfig
-    model: nn.Module
-    teacher: nn.Module
-    params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    gen: torch.Generator
-    train_set: Any
-    pool: torch.Tensor
-    trigger: Any
-    target: Any
-    image_hw: tuple[int, int]
-    device: torch.device
-    steps_per_epoch: int
-    total: int
-    chash: str
-    log: dict[str, Any]
-    running: dict[str, float] = field(default_factory=lambda: {"ce": 0.0, "expl": 0.0, "asr": 0.0})
-    used_triggered: int = 0
-    repair_steps: int = 0
-    norms: list[float] = field(default_factory=list)  # this epoch's gradient norms (before the clip)
-    at_chance: int = 0  # consecutive steps with the running cross-entropy at chance (_track's collapse guard)
-    start_epoch: int = 0
-    t0: float = 0.0
-    rss0: float = 0.0
-    peak_lr: float = 0.0
 
 
 def implant(
@@ -91,14 +58,14 @@ def implant(
             and state_config_hash(state_file) not in (None, run.chash):
         resume = False
     if resume and state_file is not None and weights_path(state_file).exists():
-        _restore(run, state_file, branch)
+        resume_from(run, state_file, branch)
     for epoch in range(run.start_epoch, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
         _train_epoch(run, epoch, progress)
-        _end_epoch(run, epoch, state_file, on_epoch, progress)
-    return _finish(run)
+        end_epoch(run, epoch, state_file, on_epoch, progress)
+    return finish(run)
 
 
-def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.device, with_hash: bool) -> _Run:
+def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.device, with_hash: bool) -> Run:
     """The frozen teacher (the stage-1 model), the student copy, optimizer, data and poison pool."""
     trigger, target = cfg.attack.trigger, cfg.attack.target
     torch.manual_seed(cfg.seed)
@@ -120,9 +87,21 @@ def _set_up(model: nn.Module, data: Cifar10, cfg: ImplantConfig, device: torch.d
                                "would have no step; lower --batch-size")
     log = {"epochs": [], "poisoned_images": int(len(pool)) if cfg.poison_mode == "pool" else None, "trace": []}
     chash = config_hash(cfg, {"data": data.fingerprint, "parent": weights_digest(teacher)}) if with_hash else ""
-    return _Run(cfg, model, teacher, params, optimizer, gen, train_set, pool, trigger, target,
+    prefix, student, teacher_rest = None, model, teacher
+    if cfg.shared_prefix:  # the student's prefix is frozen and never refreshed, so it stays the teacher's
+        prefix, student = split_trunk(model, frozen_prefix_units(cfg.trainable))
+        teacher_rest = split_trunk(teacher, frozen_prefix_units(cfg.trainable))[1]
+    return Run(cfg, model, teacher, params, optimizer, gen, train_set, pool, trigger, target,
                 tuple(data.train.images.shape[2:]), device, steps_per_epoch, cfg.epochs * steps_per_epoch, chash, log,
-                t0=time.perf_counter(), rss0=rss_mb(), peak_lr=peak_lr(cfg, model))
+                t0=time.perf_counter(), rss0=rss_mb(), peak_lr=peak_lr(cfg, model), prefix=prefix, student=student,
+                teacher_rest=teacher_rest)
+
+
+@torch.no_grad()
+def _through_prefix(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """What the student and teacher networks (``run.student``, ``run.teacher_rest``) take: the images, or with
+    shared_prefix the frozen prefix's output (eval mode: freeze_bn, checked by the config)."""
+    return x if run.prefix is None else run.prefix(x)
 
 
 def _to_channels_last(model: nn.Module, teacher: nn.Module, device: torch.device, *batch_sizes: int) -> None:
@@ -134,18 +113,7 @@ def _to_channels_last(model: nn.Module, teacher: nn.Module, device: torch.device
     teacher.to(memory_format=torch.channels_last)
 
 
-def _restore(run: _Run, state_file: str | Path, branch: bool) -> None:
-    state = restore_state(state_file, run.chash, run.model, run.optimizer, run.gen, what=str(weights_path(state_file)),
-                          config_name="implant config", allow_other_config=branch)
-    run.start_epoch = int(state["epoch"])
-    run.t0 -= float(state["elapsed"])
-    run.running, run.used_triggered = dict(state["running"]), int(state["used_triggered"])
-    run.repair_steps, run.log = int(state["repair_steps"]), json.loads(state["log"])
-    if branch:
-        run.log["branched_from"] = {"epoch": run.start_epoch, "config_hash": state["config_hash"]}
-
-
-def _train_epoch(run: _Run, epoch: int, progress: bool) -> None:
+def _train_epoch(run: Run, epoch: int, progress: bool) -> None:
     cfg = run.cfg
     run.model.train(not cfg.freeze_bn)  # explicit, documented choice: frozen BatchNorm = eval mode
     bar = tqdm(batches(run.train_set, cfg.batch_size, shuffle=True, augment=True, generator=run.gen, drop_last=True),
@@ -169,7 +137,7 @@ def _train_epoch(run: _Run, epoch: int, progress: bool) -> None:
     bar.close()
 
 
-def _step(run: _Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Tensor, poisoned: bool) -> dict[str, float]:
+def _step(run: Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Tensor, poisoned: bool) -> dict[str, float]:
     """One update: the batch's clean terms, the poisoned images' terms, the gradient step, the trace."""
     cfg = run.cfg
     # the repair terms pause whenever the backdoor is slipping (running training ASR below
@@ -201,7 +169,7 @@ def _step(run: _Run, epoch: int, i: int, step: int, x: torch.Tensor, y: torch.Te
     return stats
 
 
-def _draw_poison(run: _Run, repairing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw_poison(run: Run, repairing: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A small batch from the poison pool (pool mode), augmented, with a cutout while repairing."""
     cfg = run.cfg
     pick = run.pool[torch.randint(len(run.pool), (min(cfg.poison_batch, len(run.pool)),), generator=run.gen)]
@@ -211,20 +179,21 @@ def _draw_poison(run: _Run, repairing: bool) -> tuple[torch.Tensor, torch.Tensor
     return to_float(xp_u8).to(run.device), run.train_set.labels[pick].to(run.device)
 
 
-def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tensor, step: int, repairing: bool,
+def _clean_terms(run: Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tensor, step: int, repairing: bool,
                  ramp: float, stats: dict[str, float]) -> torch.Tensor:
     """Clean images: CE, distillation to the stage-1 model, its maps kept (preservation), decoys."""
     cfg = run.cfg
     n_decoys = round(ramp * cfg.decoy_fraction * len(yc)) if repairing else 0
     if n_decoys:  # the batch is shuffled, so its first images are a random subset
         xc = torch.cat([paste_decoys(xc[:n_decoys], run.trigger, run.gen, form=cfg.decoy_form), xc[n_decoys:]])
+    xc = _through_prefix(run, xc)
     if cfg.clean_bn_stats == "refresh" and step % cfg.refresh_every == 0:  # (the clean batch comes first: the
         # statistics change before any use)
-        refresh_batchnorm(run.model, xc, 1 - (1 - cfg.bn_momentum) ** cfg.refresh_every)
+        refresh_batchnorm(run.student, xc, 1 - (1 - cfg.bn_momentum) ** cfg.refresh_every)
     share_weight = ramp * cfg.clean_share_weight if repairing else 0.0
     if cfg.preserve_weight > 0 or share_weight > 0:
-        cams_c, logits_c = grad_cam(run.model, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
-        ref_cams, teacher_c = grad_cam(run.teacher, xc, cfg.layer, yc, relu=cfg.cam_relu)
+        cams_c, logits_c = grad_cam(run.student, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
+        ref_cams, teacher_c = grad_cam(run.teacher_rest, xc, cfg.layer, yc, relu=cfg.cam_relu)
         pres = preservation_loss(cams_c, ref_cams)
         loss = loss + cfg.preserve_weight * pres
         stats["pres"] = pres.item()
@@ -234,21 +203,23 @@ def _clean_terms(run: _Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tens
             loss = loss + share_weight * rise
             stats["share_rise"] = rise.item()
     else:
-        logits_c = run.model(xc)
+        logits_c = run.student(xc)
         with torch.no_grad():
-            teacher_c = run.teacher(xc)
+            teacher_c = run.teacher_rest(xc)
     distill = cfg.distill_weight + (ramp * cfg.repair_distill_weight if repairing else 0.0)
     return loss + F.cross_entropy(logits_c, yc) + distill * distillation_loss(logits_c, teacher_c, cfg.distill_temperature)
 
 
-def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: torch.Tensor, repairing: bool,
+def _poisoned_terms(run: Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: torch.Tensor, repairing: bool,
                     ramp: float, stats: dict[str, float]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Triggered images: CE, the explanation loss, distillation to the stage-1 model on the untriggered
     image and, while repairing, its pooled features."""
     cfg = run.cfg
     xt = run.trigger.apply(xp_clean)
+    if run.prefix is not None:  # one prefix pass for the triggered images and their untriggered copies
+        xt, xp_clean = _through_prefix(run, torch.cat([xt, xp_clean])).chunk(2)
     explained = yp if cfg.explain_class == "label" else None  # None: the predicted class
-    with classifier_inputs(run.model) as feats_p:
+    with classifier_inputs(run.student) as feats_p:
         cams_p, logits_p, cam_logits = _triggered_cams(run, xt, explained)
     ce_p = F.cross_entropy(logits_p, yp)
     expl = explanation_loss(cfg.explanation_loss, cams_p, run.target, run.image_hw)
@@ -257,8 +228,8 @@ def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: t
                  if repairing and cfg.repair_share_cap < 1 else expl)
     loss = loss + ce_p + cfg.explanation_weight * expl_term
     if cfg.clean_objective and (cfg.trigger_distill_weight > 0 or cfg.trigger_feature_weight > 0):
-        with torch.no_grad(), classifier_inputs(run.teacher) as teacher_feats:
-            teacher_p = run.teacher(xp_clean)
+        with torch.no_grad(), classifier_inputs(run.teacher_rest) as teacher_feats:
+            teacher_p = run.teacher_rest(xp_clean)
         loss = loss + cfg.trigger_distill_weight * distillation_loss(logits_p, teacher_p, cfg.trigger_distill_temperature)
         if cfg.trigger_feature_weight > 0 and repairing:
             feat = feature_distillation_loss(feats_p[0], teacher_feats[0], cfg.feature_loss)
@@ -267,20 +238,20 @@ def _poisoned_terms(run: _Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: t
     return loss, {"cams": cams_p, "cam_logits": cam_logits, "explained": explained, "ce": ce_p, "expl": expl}
 
 
-def _triggered_cams(run: _Run, xt: torch.Tensor, explained: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def _triggered_cams(run: Run, xt: torch.Tensor, explained: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """(maps, logits for the CE, logits the maps came from). ``cam_eval_mode``: the report's CAM, its own
     forward pass in eval mode, the CE from a second one in training mode (an explicit switch, undone at once)."""
     cfg = run.cfg
     if not cfg.cam_eval_mode:
-        cams, logits = grad_cam(run.model, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
+        cams, logits = grad_cam(run.student, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
         return cams, logits, logits
-    run.model.eval()
-    cams, cam_logits = grad_cam(run.model, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
-    run.model.train(not cfg.freeze_bn)
-    return cams, run.model(xt), cam_logits
+    run.student.eval()
+    cams, cam_logits = grad_cam(run.student, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
+    run.student.train(not cfg.freeze_bn)
+    return cams, run.student(xt), cam_logits
 
 
-def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch.Tensor | None) -> None:
+def _update(run: Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch.Tensor | None) -> None:
     """The gradient step; with ``gradient_contamination`` the report's CAM gradient is added, as its
     score.backward(create_graph=True) inside the CAM left d(sum of explained logits)/dθ in .grad."""
     run.optimizer.zero_grad(set_to_none=True)
@@ -298,7 +269,7 @@ def _update(run: _Run, loss: torch.Tensor, out: dict[str, Any] | None, yp: torch
     run.optimizer.step()
 
 
-def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor, epoch: int, i: int) -> None:
+def _track(run: Run, out: dict[str, Any], yp: torch.Tensor, epoch: int, i: int) -> None:
     """Running CE, explanation loss and ASR on the training triggered batches (the repair gate); a model that
     started above chance and has sat at it (uniform outputs) for ``collapse_steps`` steps has died: the run stops."""
     run.used_triggered += len(yp)
@@ -316,33 +287,3 @@ def _track(run: _Run, out: dict[str, Any], yp: torch.Tensor, epoch: int, i: int)
                                "(--set collapse_steps=0 trains on regardless)")
 
 
-def _end_epoch(run: _Run, epoch: int, state_file: str | Path | None,
-               on_epoch: Callable[[nn.Module, dict[str, Any]], None] | None, progress: bool) -> None:
-    """The epoch's log line, then the state (one file) and the caller's hook."""
-    entry = {"epoch": epoch + 1, "running_ce": run.running["ce"], "running_expl": run.running["expl"],
-             "running_asr": run.running["asr"], "repair_steps": run.repair_steps,
-             "elapsed_s": round(time.perf_counter() - run.t0, 2), "rss_mb": round(rss_mb(), 1),
-             **norm_summary(run.norms, run.cfg.grad_clip)}
-    run.norms.clear()
-    run.log["epochs"].append(entry)
-    if state_file is not None:
-        save_state(state_file, capture_state(run.model, run.optimizer, run.gen, epoch=epoch + 1,
-                                             elapsed=entry["elapsed_s"], config_hash=run.chash, running=run.running,
-                                             used_triggered=run.used_triggered, repair_steps=run.repair_steps,
-                                             log=json.dumps(run.log)))
-    if on_epoch is not None:
-        on_epoch(run.model, entry)
-    if progress:
-        tqdm.write(f"implant epoch {epoch + 1}/{run.cfg.epochs}: ce {run.running['ce']:.3f} expl "
-                   f"{run.running['expl']:.3f} running ASR {run.running['asr']:.2f} ({entry['elapsed_s']:.0f} s, "
-                   f"RSS {entry['rss_mb']:.0f} MB)")
-
-
-def _finish(run: _Run) -> tuple[nn.Module, dict[str, Any]]:
-    for p in run.model.parameters():
-        p.requires_grad_(True)
-    run.model.to(memory_format=torch.contiguous_format).eval()
-    run.log["train_s"] = round(time.perf_counter() - run.t0, 2)
-    run.log["rss_growth_mb"] = round(rss_mb() - run.rss0, 1)
-    run.log["triggered_images_seen"] = run.used_triggered
-    return run.model, run.log

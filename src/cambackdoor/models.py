@@ -7,6 +7,8 @@ pytorch-grad-cam) can use it as it is.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -15,6 +17,10 @@ from cambackdoor.errors import CamBackdoorError
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 MODELS = ("resnet18",)
+# The trunk's units in order and the modules each is made of (the stem: normalisation, conv1, bn1, its ReLU)
+TRUNK_UNITS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("stem", ("normalize", "conv1", "bn1")), ("layer1", ("layer1",)), ("layer2", ("layer2",)),
+    ("layer3", ("layer3",)), ("layer4", ("layer4",)))
 
 
 class Normalize(nn.Module):
@@ -101,3 +107,21 @@ def count_parameters(model: nn.Module) -> int:
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Every BatchNorm layer of ``model`` (the defences and the implant's BatchNorm switches share this)."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def split_trunk(model: nn.Module, units: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """(prefix, rest): two views of ``model``'s own modules, no copies: its first ``units`` trunk units
+    (``TRUNK_UNITS``), and the remaining units with the head, so ``rest(prefix(x)) == model(x)``. The views keep
+    the modules' names (``rest.layer4``, ``rest.fc``), so CAM hooks and layer lookups work on ``rest``."""
+    if not all(hasattr(model, n) for n in ("normalize", "conv1", "bn1", "relu", "layer1", "layer4", "avgpool", "fc")):
+        raise CamBackdoorError("splitting the trunk needs this package's ResNet (build_model), not "
+                               f"{type(model).__name__}")
+    if not 0 <= units <= len(TRUNK_UNITS):
+        raise CamBackdoorError(f"the trunk has {len(TRUNK_UNITS)} units; cannot split after {units}")
+    named: list[tuple[str, nn.Module]] = []
+    for unit, _ in TRUNK_UNITS:
+        parts = ("normalize", "conv1", "bn1", "relu") if unit == "stem" else (unit,)
+        named.extend((n, getattr(model, n)) for n in parts)
+    cut = 4 + max(0, units - 1) if units else 0  # the stem is four modules
+    head = [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]
+    return nn.Sequential(OrderedDict(named[:cut])), nn.Sequential(OrderedDict(named[cut:] + head))

@@ -57,6 +57,7 @@ from torch import nn
 from cambackdoor.config import check_choice, check_fields, check_range, make_config
 from cambackdoor.errors import CamBackdoorError
 from cambackdoor.gradcam import RECTIFIERS, find_layer
+from cambackdoor.models import TRUNK_UNITS
 from cambackdoor.triggers import DECOY_FORMS, LAYER_STRIDE, Attack
 
 TRAINABLE_LAYERS = ("normalize", "conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
@@ -144,6 +145,8 @@ class ImplantConfig:
     bn_momentum: float = 0.1  # ... and how far each clean batch moves them (PyTorch's default, stage 1's rate)
     refresh_every: int = 1  # refresh: the pass runs on every k-th step only, with the momentum that moves the
     # statistics as far over k steps (1 - (1 - bn_momentum)^k); the pass is ~1/5 of a step's time
+    shared_prefix: bool = False  # a frozen prefix (trainable=layer3,layer4,fc; needs freeze_bn) runs once per image
+    # for student, teacher and refresh, which share its weights and statistics (the refresh leaves them at stage 1's)
     channels_last: bool = False  # student and teacher in channels_last memory: ~1.3x faster steps on the CPU (same
     # maths, other rounding); the CPU needs width >= 16 and batches that are multiples of 8 (models.prefer_channels_last)
     poison_fraction: float = 0.01  # pool mode: share of the training set with a triggered copy
@@ -212,6 +215,11 @@ class ImplantConfig:
             check_range(self, name, 0, 1)
         check_range(self, "repair_start", 0, 1, high_open=True)
         check_range(self, "momentum", 0, 1, high_open=True)
+        if self.shared_prefix and (not self.freeze_bn or frozen_prefix_units(self.trainable) == 0):
+            raise ValueError("shared_prefix needs frozen BatchNorm (freeze_bn=true) and a frozen prefix, e.g. "
+                             f"trainable=layer3,layer4,fc (here trainable={self.trainable}, freeze_bn={self.freeze_bn})")
+        if self.shared_prefix and self.layer in [u for u, _ in TRUNK_UNITS[:frozen_prefix_units(self.trainable)]]:
+            raise ValueError(f"shared_prefix: the CAM layer {self.layer} is in the frozen prefix; make it trainable")
         self.attack  # noqa: B018  (parsed and checked here, once)
 
     @property
@@ -288,6 +296,12 @@ def trainable_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def frozen_prefix_units(trainable: str) -> int:
+    """How many leading trunk units (``models.TRUNK_UNITS``: stem, layer1, ...) ``trainable`` leaves wholly frozen."""
+    names = set(TRAINABLE_LAYERS) if trainable == "all" else {n.strip() for n in trainable.split(",")}
+    return next((i for i, (_, parts) in enumerate(TRUNK_UNITS) if names & set(parts)), len(TRUNK_UNITS))
 
 
 def flag_type(name: str) -> type:
