@@ -11,11 +11,11 @@ Times each kind of pass on random images (the cost does not depend on the pixels
 and sets that against the bar. Not the run's time: the losses, the data and the rest come on top (see
 benchmarks/profile_step.py for a real step's shares).
 
-With ``trainable=layer3,layer4,fc`` (or any frozen prefix) it times the passes of an implementation that does not
-exist: one that runs the frozen prefix once per image for student, teacher and refresh alike (their prefixes are
-the same weights, if the refresh leaves the prefix's statistics alone), then the rest of the network for each.
-That is the floor of freezing a prefix, which round G6 found to cost no persistence (`--trainable
-layer3,layer4,fc`: 97.4 % after one fine-tuning epoch).
+With ``trainable=layer3,layer4,fc`` (or any frozen prefix) it times the passes of ``shared_prefix=true`` (the
+implant's since the twenty-third session): the frozen prefix once per image for student, teacher and refresh alike
+(their prefixes are the same weights, and the refresh leaves the prefix's statistics alone), then the rest of the
+network for each. Without shared_prefix the implant runs the whole network for each, so that line is a floor only
+of the shared implementation. `benchmarks/profile_step.py` times real steps.
 """
 
 from __future__ import annotations

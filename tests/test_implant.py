@@ -496,6 +496,13 @@ def test_shared_prefix_is_the_same_update_with_one_prefix_pass_and_leaves_its_st
     assert torch.equal(shared.layer2[0].conv1.weight, clean.layer2[0].conv1.weight)
 
     clean, model, _ = run(True, bn_momentum=0.5)  # persistent: the refresh pass on the clean batch
+    modes = []  # layer3's BatchNorm: training mode only in the refresh's no-grad pass, every loss in eval mode
+    clean.layer3[0].bn1.register_forward_pre_hook(lambda m, _i: modes.append((m.training, torch.is_grad_enabled())))
+    model, _ = I.implant(clean, data, I.ImplantConfig.from_recipe(
+        "persistent", epochs=1, batch_size=100, poison_batch=10, poison_fraction=0.25, trainable="layer3,layer4,fc",
+        shared_prefix=True, bn_momentum=0.5), progress=False)
+    assert (True, False) in modes and (False, True) in modes and (True, True) not in modes
+    assert modes.count((True, False)) == steps  # one refresh a step
     assert torch.equal(model.bn1.running_mean, clean.bn1.running_mean)
     assert torch.equal(model.layer2[1].bn2.running_var, clean.layer2[1].bn2.running_var)
     assert not torch.allclose(model.layer3[0].bn1.running_mean, clean.layer3[0].bn1.running_mean)

@@ -124,4 +124,7 @@ def split_trunk(model: nn.Module, units: int) -> tuple[nn.Sequential, nn.Sequent
         named.extend((n, getattr(model, n)) for n in parts)
     cut = 4 + max(0, units - 1) if units else 0  # the stem is four modules
     head = [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]
-    return nn.Sequential(OrderedDict(named[:cut])), nn.Sequential(OrderedDict(named[cut:] + head))
+    views = nn.Sequential(OrderedDict(named[:cut])), nn.Sequential(OrderedDict(named[cut:] + head))
+    for view in views:  # a new container says "training"; a mode switch that restores it would then put a model
+        view.training = model.training  # in eval mode into training mode (losses.batchnorm_training)
+    return views
