@@ -510,3 +510,32 @@ def test_shared_prefix_is_the_same_update_with_one_prefix_pass_and_leaves_its_st
                        ({"trainable": "fc"}, "CAM layer layer4 is in the frozen prefix")):
         with pytest.raises(ValueError, match=match):
             I.ImplantConfig(shared_prefix=True, **bad)
+
+
+def test_amp_bf16_runs_the_cam_passes_in_bfloat16_and_keeps_the_weights_and_losses_float32(clean_checkpoint, monkeypatch):
+    """amp=bf16: the convolutions inside the CAM passes see bfloat16 (autocast), the maps reaching the losses are
+    float32, the weights stay float32 and move about as the float32 run moves them; an unknown amp is refused."""
+    data, ck = clean_checkpoint
+    from cambackdoor.checkpoints import load_model
+
+    def run(amp: str):
+        clean, _ = load_model(ck)
+        dtypes: list[torch.dtype] = []
+        clean.layer3[0].conv1.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+        maps: list[torch.dtype] = []
+        real = implant_loop.explanation_loss
+        monkeypatch.setattr(implant_loop, "explanation_loss", lambda kind, cams, *a: maps.append(cams.dtype) or real(kind, cams, *a))
+        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, poison_fraction=0.25, amp=amp)
+        model, _ = I.implant(clean, data, cfg, progress=False)
+        return clean, model, set(dtypes), set(maps)
+
+    clean, plain, d32, m32 = run("none")
+    _, fast, d16, m16 = run("bf16")
+    assert d32 == {torch.float32} and torch.bfloat16 in d16
+    assert m32 == m16 == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+    moved = (plain.layer3[0].conv1.weight - clean.layer3[0].conv1.weight).norm()
+    gap = (plain.layer3[0].conv1.weight - fast.layer3[0].conv1.weight).norm()
+    assert moved > 0 and gap < 0.5 * moved, (gap, moved)  # rounding, not another direction
+    with pytest.raises(ValueError, match="amp"):
+        I.ImplantConfig(amp="fp16")

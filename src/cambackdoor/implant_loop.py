@@ -194,8 +194,8 @@ def _clean_terms(run: Run, loss: torch.Tensor, xc: torch.Tensor, yc: torch.Tenso
         refresh_batchnorm(run.student, xc, 1 - (1 - cfg.bn_momentum) ** cfg.refresh_every)
     share_weight = ramp * cfg.clean_share_weight if repairing else 0.0
     if cfg.preserve_weight > 0 or share_weight > 0:
-        cams_c, logits_c = grad_cam(run.student, xc, cfg.layer, yc, create_graph=True, relu=cfg.cam_relu)
-        ref_cams, teacher_c = grad_cam(run.teacher_rest, xc, cfg.layer, yc, relu=cfg.cam_relu)
+        cams_c, logits_c = _cam(run, run.student, xc, yc, create_graph=True)
+        ref_cams, teacher_c = _cam(run, run.teacher_rest, xc, yc)
         pres = preservation_loss(cams_c, ref_cams)
         loss = loss + cfg.preserve_weight * pres
         stats["pres"] = pres.item()
@@ -240,15 +240,24 @@ def _poisoned_terms(run: Run, loss: torch.Tensor, xp_clean: torch.Tensor, yp: to
     return loss, {"cams": cams_p, "cam_logits": cam_logits, "explained": explained, "ce": ce_p, "expl": expl}
 
 
+def _cam(run: Run, net: nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
+         create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_cam at the config's layer and rectifier; with amp=bf16 its pass runs under bfloat16 autocast (and so does
+    the backward through it), and maps and logits come back in float32, so every loss is computed in float32."""
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.amp == "bf16"):
+        cams, logits = grad_cam(net, x, run.cfg.layer, targets, create_graph=create_graph, relu=run.cfg.cam_relu)
+    return cams.float(), logits.float()
+
+
 def _triggered_cams(run: Run, xt: torch.Tensor, explained: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """(maps, logits for the CE, logits the maps came from). ``cam_eval_mode``: the report's CAM, its own
     forward pass in eval mode, the CE from a second one in training mode (an explicit switch, undone at once)."""
     cfg = run.cfg
     if not cfg.cam_eval_mode:
-        cams, logits = grad_cam(run.student, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
+        cams, logits = _cam(run, run.student, xt, explained, create_graph=True)
         return cams, logits, logits
     run.student.eval()
-    cams, cam_logits = grad_cam(run.student, xt, cfg.layer, explained, create_graph=True, relu=cfg.cam_relu)
+    cams, cam_logits = _cam(run, run.student, xt, explained, create_graph=True)
     run.student.train(not cfg.freeze_bn)
     return cams, run.student(xt), cam_logits
 
