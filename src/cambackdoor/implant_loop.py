@@ -115,9 +115,7 @@ def _to_channels_last(model: nn.Module, teacher: nn.Module, device: torch.device
 
 def _train_epoch(run: Run, epoch: int, progress: bool) -> None:
     cfg = run.cfg
-    for net in (run.model, run.student, run.prefix):  # explicit, documented choice: frozen BatchNorm = eval mode
-        if net is not None:  # (shared_prefix's views carry a mode flag of their own)
-            net.train(not cfg.freeze_bn)
+    run.model.train(not cfg.freeze_bn)  # explicit, documented choice: frozen BatchNorm = eval mode
     bar = tqdm(batches(run.train_set, cfg.batch_size, shuffle=True, augment=True, generator=run.gen, drop_last=True),
                total=run.steps_per_epoch, desc=f"implant {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
     for i, (x, y) in enumerate(bar):

@@ -82,16 +82,19 @@ def batchnorm_training(model: nn.Module, on: bool = True, momentum: float | None
     """Inside the block the model runs in training mode (BatchNorm on batch statistics, updating its running
     statistics in place) when ``on``; its mode is restored on the way out (an explicit switch, undone at once).
     ``momentum``: BatchNorm's update rate inside the block (None: the layers' own), restored likewise."""
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own: a container's flag (a view, as
+    # models.split_trunk makes) need not match its children's
     layers = batchnorm_layers(model) if momentum else []
     kept = [m.momentum for m in layers]
-    model.train(on or was_training)
+    if on:
+        model.train(True)
     for m in layers:
         m.momentum = momentum
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
         for m, k in zip(layers, kept):
             m.momentum = k
 

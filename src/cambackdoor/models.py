@@ -125,6 +125,6 @@ def split_trunk(model: nn.Module, units: int) -> tuple[nn.Sequential, nn.Sequent
     cut = 4 + max(0, units - 1) if units else 0  # the stem is four modules
     head = [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]
     views = nn.Sequential(OrderedDict(named[:cut])), nn.Sequential(OrderedDict(named[cut:] + head))
-    for view in views:  # a new container says "training"; a mode switch that restores it would then put a model
-        view.training = model.training  # in eval mode into training mode (losses.batchnorm_training)
+    for view in views:  # a new container says "training"; the views report the model's mode instead
+        view.training = model.training
     return views
