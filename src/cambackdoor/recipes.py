@@ -147,7 +147,7 @@ class ImplantConfig:
     # statistics as far over k steps (1 - (1 - bn_momentum)^k); the pass is ~1/5 of a step's time
     shared_prefix: bool = False  # a frozen prefix (trainable=layer3,layer4,fc; needs freeze_bn) runs once per image
     # for student, teacher and refresh, which share its weights and statistics (the refresh leaves them at stage 1's)
-    amp: str = "none"  # bf16: the CAM passes (nearly all of a step) under bfloat16 autocast, ~1.9x faster on a CPU with
+    amp: str = "none"  # bf16: the CAM passes (nearly all of a step) under bfloat16 autocast: a step 1.3x faster on a CPU with
     # AVX512-BF16 (slower where it is emulated); the losses stay float32. none: float32 throughout
     channels_last: bool = False  # student and teacher in channels_last memory: ~1.3x faster steps on the CPU (same
     # maths, other rounding); the CPU needs width >= 16 and batches that are multiples of 8 (models.prefer_channels_last)
