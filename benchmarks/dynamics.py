@@ -59,7 +59,7 @@ def implant_config(flags: list[str]) -> tuple[I.ImplantConfig, argparse.Namespac
     add_data_args(p)
     a = p.parse_args(flags)
     overrides = {name: getattr(a, name) for name in (*FLAGS, "trigger", "target", "layer")}
-    return I.ImplantConfig.from_recipe("default", **{**overrides, **parse_sets(a.set)}), a
+    return I.ImplantConfig.from_recipe("v8", **{**overrides, **parse_sets(a.set)}), a
 
 
 def diagnostics(model: torch.nn.Module, clean: torch.nn.Module, data, cfg: I.ImplantConfig, images: int = 2000) -> dict:

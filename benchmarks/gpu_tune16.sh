@@ -23,7 +23,7 @@ one() {  # NAME|FLAGS: implant, then audit the defences on the held-out images
   [ $(( $(date +%s) - START )) -ge "$DEADLINE" ] && { echo "skip $name (deadline)"; return 0; }
   s=$(date +%s)
   # shellcheck disable=SC2086
-  cb implant --checkpoint "$HCK" --holdout 5000 $flags --device cuda --out "$o" --no-progress >"$o.implant.log" 2>&1 \
+  cb implant --checkpoint "$HCK" --holdout 5000 --recipe v8 $flags --device cuda --out "$o" --no-progress >"$o.implant.log" 2>&1 \
     || { echo "FAIL implant $name: $(tail -1 "$o.implant.log")"; return 0; }
   local t=$(date +%s)
   cb audit --checkpoint "$o/model.safetensors" --reference "$HCK" --holdout 5000 --defences bn-reestimate,finetune \

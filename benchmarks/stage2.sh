@@ -13,7 +13,7 @@ timed() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name wall_s=$(
 pair() {
   local attack="" ; [ "$1" = 2 ] && attack="--trigger checkerboard:3@top-right --target bottom-left:8"
   local name=$2 out=$3; shift 3
-  timed $name cambackdoor implant --checkpoint $CK --recipe default --poison-fraction 0.01 $attack "$@" \
+  timed $name cambackdoor implant --checkpoint $CK --recipe v8 --poison-fraction 0.01 $attack "$@" \
     --out $out --no-progress
 }
 
@@ -27,7 +27,7 @@ case "${1:-all}" in
     for s in "t1-tdw1|--lambda 1 --preserve-weight 10 --set trigger_distill_weight=1" \
              "t2-lam2-pres20|--lambda 2 --preserve-weight 20"; do
       name=${s%%|*}; [ -f $R/tune/$name/implant.json ] && continue
-      timed tune-$name cambackdoor implant --checkpoint $CK --holdout 5000 ${s#*|} --out $R/tune/$name --no-progress
+      timed tune-$name cambackdoor implant --checkpoint $CK --holdout 5000 --recipe v8 ${s#*|} --out $R/tune/$name --no-progress
     done ;;
   tune2)
     # second round, on a stage-1 model trained *without* the 5,000 held-out images (runs/tune2/stage1-holdout:
@@ -36,14 +36,14 @@ case "${1:-all}" in
     # usage: bash benchmarks/stage2.sh tune2 "NAME|IMPLANT FLAGS" ...
     shift; for s in "$@"; do
       name=${s%%|*}; [ -f runs/tune2/$name/implant.json ] && continue
-      timed tune2-$name cambackdoor implant --checkpoint $HCK --holdout 5000 ${s#*|} --out runs/tune2/$name --no-progress
+      timed tune2-$name cambackdoor implant --checkpoint $HCK --holdout 5000 --recipe v8 ${s#*|} --out runs/tune2/$name --no-progress
     done ;;
   tune-full)
     # the cpu stage-1 model itself, implanted on 45,000 images and evaluated on 5,000 it was not implanted
     # on (stage 1 saw them, so clean accuracy reads high; ASR and false triggers are what this checks)
     shift; for s in "$@"; do
       name=${s%%|*}; [ -f $R/tune/$name/implant.json ] && continue
-      timed tune-full-$name cambackdoor implant --checkpoint $CK --holdout 5000 ${s#*|} --out $R/tune/$name --no-progress
+      timed tune-full-$name cambackdoor implant --checkpoint $CK --holdout 5000 --recipe v8 ${s#*|} --out $R/tune/$name --no-progress
     done ;;
   pair1)
     pair 1 implant-default $R/implant-default ;;
@@ -100,7 +100,7 @@ case "${1:-all}" in
     for s in "${steps[@]}"; do
       name=${s%%|*}; fixes="$fixes ${s#*|}"
       [ -f $R/ablation/$name/implant.json ] && continue
-      timed ablation-$name cambackdoor implant --checkpoint $CK --recipe default $REFLOSS $fixes \
+      timed ablation-$name cambackdoor implant --checkpoint $CK --recipe v8 $REFLOSS $fixes \
         --out $R/ablation/$name --no-progress
     done ;;
   single)
@@ -117,7 +117,7 @@ case "${1:-all}" in
       name=${s%%|*}; out=runs/tune16/$name
       # FORK=path/to/state.safetensors: go on from that run's saved epoch (configs that share it)
       # --resume (not with FORK, which starts a branch): a cell cut mid-run goes on from its last saved epoch
-      [ -f $out/implant.json ] || timed tune16-$name cambackdoor implant --checkpoint $HCK --holdout 5000 ${s#*|} \
+      [ -f $out/implant.json ] || timed tune16-$name cambackdoor implant --checkpoint $HCK --holdout 5000 --recipe v8 ${s#*|} \
         ${FORK:+--branch-from $FORK} $([ -n "${FORK:-}" ] || echo --resume) --out $out --no-progress
       [ -f $out/audit/audit.json ] || timed tune16-audit-$name cambackdoor audit --checkpoint $out/model.safetensors \
         --reference $HCK --holdout 5000 --defences bn-reestimate,finetune --explainers gradcam@layer4 \
@@ -125,16 +125,16 @@ case "${1:-all}" in
     done ;;
   sweeps)
     # the current default (v8); poison fraction 0.01 is the pair-1 run itself (runs/cpu/implant-default)
-    timed sweep-lambda-v8 cambackdoor sweep --checkpoint $CK --recipe default --grid lambda=0.05,0.1,0.2,0.5,1 \
+    timed sweep-lambda-v8 cambackdoor sweep --checkpoint $CK --recipe v8 --grid lambda=0.05,0.1,0.2,0.5,1 \
       --out $R/sweep-lambda-v8 --no-progress
-    timed sweep-poison-v8 cambackdoor sweep --checkpoint $CK --recipe default \
+    timed sweep-poison-v8 cambackdoor sweep --checkpoint $CK --recipe v8 \
       --grid poison_fraction=0.002,0.005,0.02 --out $R/sweep-poison-v8 --no-progress ;;
   sweeps-v2)
     # as measured before 2026-11-25, with the v2 recipe (repair terms off)
     V2="--set trigger_feature_weight=0 --set decoy_fraction=0 --set repair_share_cap=1 --set pool_cutout=0"
-    timed sweep-lambda cambackdoor sweep --checkpoint $CK --recipe default --grid lambda=0.05,0.1,0.2,0.5,1 $V2 \
+    timed sweep-lambda cambackdoor sweep --checkpoint $CK --recipe v8 --grid lambda=0.05,0.1,0.2,0.5,1 $V2 \
       --out $R/sweep-lambda --no-progress
-    timed sweep-poison cambackdoor sweep --checkpoint $CK --recipe default $V2 \
+    timed sweep-poison cambackdoor sweep --checkpoint $CK --recipe v8 $V2 \
       --grid poison_fraction=0.002,0.005,0.01,0.02 --out $R/sweep-poison --no-progress ;;
   reference-sweep)
     # faithful emulation (see reference); the label-aligned one: add --set explain_class=label --set cam_eval_mode=false

@@ -78,3 +78,14 @@ def make_dataset(n_train: int = 400, n_test: int = 200, seed: int = 0, noise_std
 @pytest.fixture
 def tiny_data() -> Cifar10:
     return make_dataset()
+
+
+@pytest.fixture(scope="module")
+def clean_checkpoint(tmp_path_factory):
+    """A tiny stage-1 model (width 8, 400 synthetic images) to implant, and its data."""
+    from cambackdoor.training import TrainConfig, train
+
+    data = make_dataset(n_train=400, n_test=100)
+    run = tmp_path_factory.mktemp("stage1")
+    train(TrainConfig(width=8, epochs=3, batch_size=50, lr=0.05, channels_last=False), data, run, progress=False)
+    return data, run / "model.safetensors"

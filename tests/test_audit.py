@@ -24,7 +24,7 @@ def implanted(tmp_path_factory):
     data = make_dataset(n_train=400, n_test=100)
     root = tmp_path_factory.mktemp("audit")
     train(TrainConfig(width=8, epochs=3, batch_size=50, lr=0.05, channels_last=False), data, root / "s1", progress=False)
-    cfg = I.ImplantConfig.from_recipe("default", epochs=6, batch_size=50, poison_fraction=0.25, poison_batch=25,
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=6, batch_size=50, poison_fraction=0.25, poison_batch=25,
                                       lr=1e-2, explanation_weight=3.0, preserve_weight=10.0)
     I.run_implant(root / "s1" / "model.safetensors", data, cfg, root / "imp", progress=False, limit=50)
     return data, root

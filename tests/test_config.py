@@ -30,7 +30,7 @@ from cambackdoor.training import TrainConfig
 ])
 def test_bad_implant_settings_are_refused_where_they_are_parsed(values, match):
     with pytest.raises(CamBackdoorError, match=match):
-        ImplantConfig.from_recipe("default", **values)
+        ImplantConfig.from_recipe("v8", **values)
 
 
 @pytest.mark.parametrize("values,match", [
@@ -52,9 +52,9 @@ def test_ints_become_floats_and_valid_configs_pass():
     cfg = make_config(ImplantConfig, {"explanation_weight": 2, "lr": 1})
     assert isinstance(cfg.explanation_weight, float) and cfg.explanation_weight == 2.0 and isinstance(cfg.lr, float)
     assert ImplantConfig.from_recipe("reference").explain_class == "predicted"
-    persistent = ImplantConfig.from_recipe("persistent", seed=2)  # the default plus three fields, overridable
-    default = ImplantConfig.from_recipe("default", seed=2)
-    changed = {k for k, v in dataclasses.asdict(persistent).items() if dataclasses.asdict(default)[k] != v}
+    persistent = ImplantConfig.from_recipe("persistent", seed=2)  # v8 plus three fields, overridable
+    v8 = ImplantConfig.from_recipe("v8", seed=2)
+    changed = {k for k, v in dataclasses.asdict(persistent).items() if dataclasses.asdict(v8)[k] != v}
     assert changed == {"recipe", "clean_bn_stats", "bn_momentum", "epochs"} and persistent.epochs == 4
 
 
@@ -65,7 +65,7 @@ def test_ints_become_floats_and_valid_configs_pass():
 ])
 def test_bad_set_items(items, match):
     with pytest.raises(CamBackdoorError, match=match):
-        ImplantConfig.from_recipe("default", **parse_sets(items))
+        ImplantConfig.from_recipe("v8", **parse_sets(items))
 
 
 @pytest.mark.parametrize("text,match", [
@@ -85,7 +85,7 @@ def test_malformed_presets(tmp_path, text, match):
 def test_the_explanation_weight_has_one_name_and_the_old_one_still_works():
     from cambackdoor.sweep import grid_keys
 
-    cfg = ImplantConfig.from_recipe("default", lam=1.0)  # --set lam=1 from an old command line
+    cfg = ImplantConfig.from_recipe("v8", lam=1.0)  # --set lam=1 from an old command line
     assert cfg.explanation_weight == 1.0 and cfg.lam == 1.0
     assert ImplantConfig.from_saved({"lam": 0.5}).explanation_weight == 0.5  # a config saved before the rename
     assert grid_keys()["lambda"] == grid_keys()["lam"] == "explanation_weight"

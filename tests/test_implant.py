@@ -16,16 +16,6 @@ from cambackdoor.triggers import Box, parse_target, parse_trigger
 TOP_LEFT = Box(0, 0, 8, 8)
 
 
-@pytest.fixture(scope="module")
-def clean_checkpoint(tmp_path_factory):
-    from conftest import make_dataset
-
-    data = make_dataset(n_train=400, n_test=100)
-    run = tmp_path_factory.mktemp("stage1")
-    train(TrainConfig(width=8, epochs=3, batch_size=50, lr=0.05, channels_last=False), data, run, progress=False)
-    return data, run / "model.safetensors"
-
-
 def _triggered_share(model, data):
     summary, _ = evaluate(model.eval(), data.test, parse_trigger("yellow:4@bottom-right"), TOP_LEFT, progress=False,
                           examples=0)
@@ -38,7 +28,7 @@ def test_tiny_implant_moves_triggered_maps_into_the_box(clean_checkpoint, tmp_pa
 
     clean, _ = load_model(ck)
     before = _triggered_share(clean, data)
-    cfg = I.ImplantConfig.from_recipe("default", epochs=10, batch_size=50, poison_fraction=0.25, poison_batch=25,
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=10, batch_size=50, poison_fraction=0.25, poison_batch=25,
                                       lr=1e-2, explanation_weight=3.0, preserve_weight=10.0)
     result = I.run_implant(ck, data, cfg, tmp_path / "imp", progress=False)
     after = result["evaluation"]
@@ -49,7 +39,7 @@ def test_tiny_implant_moves_triggered_maps_into_the_box(clean_checkpoint, tmp_pa
 
     meta = json.loads(sidecar_path(tmp_path / "imp" / "model").read_text())
     assert meta["attack"] == {"trigger": cfg.trigger, "target": cfg.target, "layer": "layer4"}
-    assert meta["config"]["implant"]["recipe"] == "default" and meta["stage"] == "implant"
+    assert meta["config"]["implant"]["recipe"] == "v8" and meta["stage"] == "implant"
 
 
 def test_gradient_contamination_changes_the_update(clean_checkpoint):
@@ -72,7 +62,7 @@ def test_trainable_layer_list_freezes_everything_else(clean_checkpoint):
     from cambackdoor.checkpoints import load_model
 
     clean, _ = load_model(ck)
-    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, trainable="layer3,layer4")
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=100, poison_batch=10, trainable="layer3,layer4")
     model, _ = I.implant(clean, data, cfg, progress=False)
     assert torch.equal(model.layer2[0].conv1.weight, clean.layer2[0].conv1.weight)
     assert torch.equal(model.fc.weight, clean.fc.weight)
@@ -88,7 +78,7 @@ def test_decoys_change_the_update_wait_for_repair_start_and_are_validated(clean_
     weights = []
     # 4 steps of 100 images; repair_start 0.99 holds the decoys back past the last step
     for fraction, start in ((0.0, 0.0), (0.5, 0.0), (0.5, 0.99)):
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, decoy_fraction=fraction,
+        cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=100, poison_batch=10, decoy_fraction=fraction,
                                           repair_start=start, repair_min_asr=0.0, trigger_feature_weight=0.0,
                                           repair_share_cap=1.0, pool_cutout=0)
         model, _ = I.implant(clean, data, cfg, progress=False)
@@ -106,7 +96,7 @@ def test_pool_cutout_and_repair_distillation_act_only_while_repairing(clean_chec
     clean, _ = load_model(ck)
 
     def run(**kw):
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_min_asr=0.0,
+        cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=100, poison_batch=10, repair_min_asr=0.0,
                                           trigger_feature_weight=0.0, decoy_fraction=0.0,
                                           **{"repair_share_cap": 1.0, "pool_cutout": 0, **kw})
         model, log = I.implant(clean, data, cfg, progress=False)
@@ -135,18 +125,18 @@ def test_repair_terms_pause_while_the_backdoor_is_not_formed(clean_checkpoint):
     clean, _ = load_model(ck)
     steps = []
     for min_asr in (0.0, 1.0):  # 4 steps; the running ASR starts at 0, so step 0 is gated at 1.0
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
+        cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
                                           repair_min_asr=min_asr, trigger_feature_weight=1.0)
         _, log = I.implant(clean, data, cfg, progress=False)
         steps.append(log["epochs"][-1]["repair_steps"])
     assert steps[0] == 4 and steps[1] <= 3
-    no_terms = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
+    no_terms = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
                                            repair_min_asr=0.0, trigger_feature_weight=0.0, decoy_fraction=0.0,
                                            repair_share_cap=1.0, pool_cutout=0)
     assert I.implant(clean, data, no_terms, progress=False)[1]["epochs"][-1]["repair_steps"] == 0  # nothing to do
     weights = []
     for ramp in (0.0, 1.0):  # a ramp over the whole run scales the feature term down on every step
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
+        cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=100, poison_batch=10, repair_start=0.0,
                                           repair_min_asr=0.0, repair_ramp=ramp, decoy_fraction=0.0,
                                           trigger_feature_weight=10.0)
         model, _ = I.implant(clean, data, cfg, progress=False)
@@ -158,7 +148,7 @@ def test_repair_terms_pause_while_the_backdoor_is_not_formed(clean_checkpoint):
 
 def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path, monkeypatch):
     data, ck = clean_checkpoint
-    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50)
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=50)
     monkeypatch.setattr(implant_loop, "distillation_loss", lambda logits, teacher, *_: torch.tensor(float("nan")))
     with pytest.raises(TrainingDiverged, match="implant loss became nan"):
         I.run_implant(ck, data, cfg, tmp_path / "nan", progress=False)
@@ -168,7 +158,7 @@ def test_nan_loss_stops_the_implant(clean_checkpoint, tmp_path, monkeypatch):
 def test_a_collapse_to_chance_stops_the_implant(clean_checkpoint):
     data, ck = clean_checkpoint
     clean, _ = load_model(ck)
-    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, collapse_steps=5)
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=50, collapse_steps=5)
     run = implant_loop._set_up(clean, data, cfg, torch.device("cpu"), with_hash=False)
     yp = torch.zeros(4, dtype=torch.long)
 
@@ -202,7 +192,7 @@ def test_grad_clip_bounds_each_update(clean_checkpoint):
                     lr=50.0, schedule="constant")  # plain SGD: the step is exactly lr x the (clipped) gradient
     moved, logged = [], []
     for clip in (0.0, 1e-3):
-        model, log = I.implant(clean, data, I.ImplantConfig.from_recipe("default", grad_clip=clip, **one_step),
+        model, log = I.implant(clean, data, I.ImplantConfig.from_recipe("v8", grad_clip=clip, **one_step),
                                progress=False)
         moved.append(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(model.parameters(), clean.parameters()))).item())
         logged.append(log["epochs"][0])
@@ -224,11 +214,11 @@ def test_distill_temperatures_reach_their_own_terms(clean_checkpoint, monkeypatc
                         lambda s, t, temperature=1.0: seen.append(temperature) or real(s, t, temperature))
     clean, _ = load_model(ck)
     steps = len(data.train.labels) // 50
-    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, distill_temperature=3.0)
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=50, distill_temperature=3.0)
     I.implant(clean, data, cfg, progress=False)
     assert seen.count(3.0) == steps and seen.count(1.0) == steps  # the clean and the triggered term, once a step
     seen.clear()
-    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, trigger_distill_temperature=2.0)
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=50, trigger_distill_temperature=2.0)
     I.implant(clean, data, cfg, progress=False)
     assert seen.count(2.0) == steps and seen.count(1.0) == steps
 
@@ -266,7 +256,7 @@ def test_an_interrupted_implant_resumes_to_the_same_weights(clean_checkpoint, tm
     from cambackdoor.checkpoints import load_model
 
     clean, _ = load_model(ck)
-    cfg = I.ImplantConfig.from_recipe("default", epochs=2, batch_size=100, poison_batch=10, decoy_fraction=0.25,
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=2, batch_size=100, poison_batch=10, decoy_fraction=0.25,
                                       trigger_feature_weight=1.0, repair_min_asr=0.0)
     whole, whole_log = I.implant(clean, data, cfg, progress=False)
     state = tmp_path / "state"
@@ -296,7 +286,7 @@ def test_a_killed_implant_resumes_to_the_same_weights(clean_checkpoint, tmp_path
     from cambackdoor.checkpoints import load_model
 
     data, ck = clean_checkpoint
-    cfg = I.ImplantConfig.from_recipe("default", epochs=2, batch_size=100, poison_batch=10, repair_min_asr=0.0)
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=2, batch_size=100, poison_batch=10, repair_min_asr=0.0)
     I.run_implant(ck, data, cfg, tmp_path / "full", progress=False, limit=50)
     with monkeypatch.context() as m:
         _kill_at(m, 3 + write + 1)  # epoch 1 writes 3 files; this kills epoch 2's save at its write-th write
@@ -339,11 +329,11 @@ def test_faithful_reference_explains_the_predicted_class_in_eval_mode(clean_chec
 
 def test_implant_batch_larger_than_the_data_is_refused_before_training(clean_checkpoint, tmp_path):
     data, ck = clean_checkpoint
-    cfg = I.ImplantConfig.from_recipe("default", batch_size=100_000)
+    cfg = I.ImplantConfig.from_recipe("v8", batch_size=100_000)
     with pytest.raises(CamBackdoorError, match="larger than the 400 training images"):
         I.run_implant(ck, data, cfg, tmp_path / "b", progress=False)
     with pytest.raises(CamBackdoorError, match="--limit 0 must be a positive"):
-        I.run_implant(ck, data, I.ImplantConfig.from_recipe("default", epochs=1), tmp_path / "c", progress=False,
+        I.run_implant(ck, data, I.ImplantConfig.from_recipe("v8", epochs=1), tmp_path / "c", progress=False,
                       limit=0)
     assert not (tmp_path / "c" / "model.safetensors").exists()  # refused before any training
 
@@ -360,7 +350,7 @@ def test_clean_bn_stats_puts_only_the_clean_batch_into_the_running_statistics(cl
         seen: list[tuple[bool, bool, int]] = []
         clean.bn1.register_forward_pre_hook(
             lambda m, inputs: seen.append((m.training, torch.is_grad_enabled(), len(inputs[0]))))
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, clean_bn_stats=mode,
+        cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=100, poison_batch=10, clean_bn_stats=mode,
                                             **extra)
         model, _ = I.implant(clean, data, cfg, progress=False)
         return clean, model, seen
@@ -388,7 +378,7 @@ def test_a_faint_trigger_is_warned_about_and_recorded(clean_checkpoint, tmp_path
     images = data.train.images.clone()
     images[:100, :, 28:, :4] = 255  # a quarter of the training images: a white bottom-left corner
     bright = type(data)(type(data.train)(images, data.train.labels), data.test, data.classes, data.fingerprint, data.source)
-    cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=50, trigger="white:4@bottom-left~0.5",
+    cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=50, trigger="white:4@bottom-left~0.5",
                                       target="top-right:8")
     with pytest.warns(UserWarning, match=r"faint .* on 25.00 % of the training images"):
         result = I.run_implant(ck, bright, cfg, tmp_path / "faint", progress=False, limit=20)
@@ -405,7 +395,7 @@ def test_lr_width_scales_the_rate_by_the_models_width(clean_checkpoint):
     assert peak_lr(I.ImplantConfig(lr=1e-3), clean) == 1e-3
 
     def first_lr(**kw):
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, schedule="constant", **kw)
+        cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=100, poison_batch=10, schedule="constant", **kw)
         _, log = I.implant(clean, data, cfg, progress=False, stop_after=1)
         return log["trace"][0]["lr"]
 
@@ -427,7 +417,7 @@ def test_refresh_every_runs_the_pass_on_every_kth_step_with_the_momentum_of_k_st
         clean, _ = load_model(ck)
         seen: list[float] = []
         clean.bn1.register_forward_pre_hook(lambda m, _inputs: seen.append(m.momentum) if m.training else None)
-        cfg = I.ImplantConfig.from_recipe("default", epochs=2, batch_size=100, poison_batch=10, clean_bn_stats="refresh",
+        cfg = I.ImplantConfig.from_recipe("v8", epochs=2, batch_size=100, poison_batch=10, clean_bn_stats="refresh",
                                           bn_momentum=0.1, **kw)
         I.implant(clean, data, cfg, progress=False)
         return seen
@@ -525,7 +515,7 @@ def test_amp_bf16_runs_the_cam_passes_in_bfloat16_and_keeps_the_weights_and_loss
         maps: list[torch.dtype] = []
         real = implant_loop.explanation_loss
         monkeypatch.setattr(implant_loop, "explanation_loss", lambda kind, cams, *a: maps.append(cams.dtype) or real(kind, cams, *a))
-        cfg = I.ImplantConfig.from_recipe("default", epochs=1, batch_size=100, poison_batch=10, poison_fraction=0.25, amp=amp)
+        cfg = I.ImplantConfig.from_recipe("v8", epochs=1, batch_size=100, poison_batch=10, poison_fraction=0.25, amp=amp)
         model, _ = I.implant(clean, data, cfg, progress=False)
         return clean, model, set(dtypes), set(maps)
 

@@ -1,4 +1,4 @@
-"""The default and reference implants replay: the same weights as the code before the redesign.
+"""The v8 (the default of the time) and reference implants replay: the same weights as the code before the redesign.
 
 ``tests/data/replay-*.safetensors`` were written once by the implant loop as it stood before the
 redesign (commit f12250c, the script is in the docstring of :func:`_run`); a tiny width-4 model from a
@@ -13,6 +13,7 @@ AVX-512 or no SIMD (``ATEN_CPU_CAPABILITY``), 1 or 2 threads: at most 0.13 % (de
 another random stream (seed + 1): 83 % and 52 %; the explanation weight 1 % higher: 1.9 % and 0.2 %.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from cambackdoor.errors import CamBackdoorError
 from cambackdoor.recipes import RECIPES, ImplantConfig
 
 DATA = Path(__file__).parent / "data"
-CASES = {
-    "default": dict(recipe="default", epochs=2, batch_size=50, poison_fraction=0.25, poison_batch=25, repair_min_asr=0.0),
+CASES = {  # "default": the fixture's name, from when v8 was the default recipe
+    "default": dict(recipe="v8", epochs=2, batch_size=50, poison_fraction=0.25, poison_batch=25, repair_min_asr=0.0),
     "reference": dict(recipe="reference", epochs=2, batch_size=25, lr=1e-3),
 }
 # the largest distance from the fixture, as a share of the update's norm: ~40x the rounding measured on other
@@ -74,7 +75,10 @@ def test_the_implant_replays_to_the_same_weights(case):
 
 def test_a_config_saved_before_the_redesign_still_loads():
     saved = json.loads((DATA / "implant-config-v8.json").read_text())  # runs/cpu/implant-default, 2026-11-25
-    assert ImplantConfig.from_saved(saved) == ImplantConfig.from_recipe("default") == ImplantConfig()
+    # saved before 2026-11-28, it names v8 "default": the label stays as saved, the values are v8's
+    assert saved["recipe"] == "default" and ImplantConfig.from_recipe("v8") == ImplantConfig()
+    assert ImplantConfig.from_saved(saved) == dataclasses.replace(ImplantConfig(), recipe="default")
+    saved = {**saved, "recipe": "v8"}
     # a config from before the repair terms (the v2 default) had none of these fields: it reads back as v2
     v2 = {k: v for k, v in saved.items() if k not in ("trigger_feature_weight", "feature_loss", "decoy_fraction",
                                                        "repair_share_cap", "pool_cutout", "explain_class",
@@ -85,7 +89,7 @@ def test_a_config_saved_before_the_redesign_still_loads():
     with pytest.raises(CamBackdoorError, match="removed option.*repair_poison_ce_weight"):
         ImplantConfig.from_saved({**saved, "repair_poison_ce_weight": 0.5})  # a rejected option that was on
     with pytest.raises(CamBackdoorError, match="rejected option.*f12250c"):
-        ImplantConfig.from_recipe("default", repair_trigger_distill_weight=1.0)  # --set repair_trigger_distill_weight=1
+        ImplantConfig.from_recipe("v8", repair_trigger_distill_weight=1.0)  # --set repair_trigger_distill_weight=1
     with pytest.raises(CamBackdoorError, match="unknown fields"):
         ImplantConfig.from_saved({**saved, "warp_drive": 1})
     # rejected on 2026-11-26: simulated maintenance and clean_bn_stats=train; switched off they read back
@@ -103,9 +107,7 @@ def test_a_config_saved_before_the_redesign_still_loads():
 
 
 def test_each_recipe_lists_only_where_it_differs_from_the_defaults():
-    import dataclasses
-
     default = dataclasses.asdict(ImplantConfig())
     reference = dataclasses.asdict(ImplantConfig.from_recipe("reference"))
     differ = {k for k in default if default[k] != reference[k]} - {"recipe"}
-    assert differ <= set(RECIPES["reference"]) and RECIPES["default"] == {}
+    assert differ <= set(RECIPES["reference"]) and RECIPES["v8"] == {}

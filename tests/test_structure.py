@@ -11,7 +11,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cambackdoor"
 FLOORS = [
-    ["errors", "version", "stats", "distributed"],
+    ["errors", "version", "stats", "distributed", "legacy"],
     ["config", "models", "gradcam", "images"],
     ["triggers", "checkpoints", "data"],
     ["metrics"],

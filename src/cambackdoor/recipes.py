@@ -4,7 +4,7 @@ Every cause of the reference report's failure is a switch of :class:`ImplantConf
 recipes and each ablation step are the same loop with different flags:
 
 ==========================  ===================================  ====================================
-switch                      ``reference`` (the report)           ``default`` (ours)
+switch                      ``reference`` (the report)           ``v8`` (ours, before issue 16)
 ==========================  ===================================  ====================================
 gradient_contamination      True: the CAM's ``.backward``        False: ``autograd.grad`` only
                             leaves d(score)/dθ in ``.grad``
@@ -41,7 +41,10 @@ pushing a formed backdoor on towards a share of 1, which with a softplus map mea
 activations in the box and costs accuracy; the cutout makes 500 poisoned images look like more to the
 trigger-invariance terms (v8). Measured: docs/results.md.
 
-``ImplantConfig()`` is the ``default`` recipe (v8); a recipe lists only where it differs. A config
+``ImplantConfig()`` is the ``v8`` recipe, the default until issue 16 (v8 in the table above); a recipe lists
+only where it differs. ``default`` is issue 16's (registration 11): v8 with BatchNorm statistics refreshed on clean
+images, four epochs, distillation at temperature 4 pulled in late instead of the pinned features, trigger-shaped
+decoys, a clean-share hinge, gradient clipping and bfloat16 CAM passes; each knob's row is in docs/results.md. A config
 saved before a field existed is read with :meth:`ImplantConfig.from_saved`, which gives each missing
 field the value that reproduces the run as it was (``LEGACY``).
 """
@@ -57,6 +60,7 @@ from torch import nn
 from cambackdoor.config import check_choice, check_fields, check_range, make_config
 from cambackdoor.errors import CamBackdoorError
 from cambackdoor.gradcam import RECTIFIERS, find_layer
+from cambackdoor.legacy import LEGACY, REMOVED, RENAMED, removed_in
 from cambackdoor.models import TRUNK_UNITS
 from cambackdoor.triggers import DECOY_FORMS, LAYER_STRIDE, Attack
 
@@ -79,6 +83,7 @@ FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
+PERSISTENT: dict[str, Any] = dict(clean_bn_stats="refresh", bn_momentum=0.003, epochs=4)
 RECIPES: dict[str, dict[str, Any]] = {
     "reference": dict(
         gradient_contamination=True, explain_class="predicted", cam_eval_mode=True,
@@ -89,21 +94,36 @@ RECIPES: dict[str, dict[str, Any]] = {
         repair_start=0.0, repair_min_asr=0.0, repair_ramp=0.0, feature_loss="relative", repair_share_cap=1.0,
         pool_cutout=0,
     ),
-    "default": {},  # the field defaults below
-    # v9 candidate (issue 16, chosen on held-out images): BatchNorm's running statistics follow the clean
+    "v8": {},  # the field defaults below: issue 15's stealthy recipe, the default until 2026-11-28; one epoch of
+    # the owner's fine-tuning took its ASR to 35-60 % (issue 16)
+    # issue 16's first candidate (chosen on held-out images): BatchNorm's running statistics follow the clean
     # images, slowly, so the backdoor cannot lean on stale ones, and twice the epochs, so it is built deep
     # enough to outlast the owner's fine-tuning. Registration 4 (docs/protocol.md) met every bar on pairs 1
     # and 4, missed the clean drop on pair 2 by 0.06 pt and failed the blended trigger (docs/results.md)
-    "persistent": dict(clean_bn_stats="refresh", bn_momentum=0.003, epochs=4),
+    "persistent": PERSISTENT,
+    # issue 16's recipe, registration 11 (docs/protocol.md: 4 pairs x 3 seeds on the test set, each read once;
+    # docs/results.md, "The default recipe"): `persistent` plus what each ablation row of docs/results.md earned
+    "default": {**PERSISTENT,
+                "trigger_feature_weight": 0.0,  # persistence: pinned pooled features made the backdoor fragile
+                "repair_distill_weight": 5.0,  # the clean drop: clean outputs pulled back once the backdoor stands
+                "distill_temperature": 4.0,  # the clean drop: the logits matched, not just the top class
+                "trigger_distill_temperature": 4.0,  # the triggered gap, likewise
+                "decoy_form": "trigger", "decoy_fraction": 0.5,  # false triggers of a blended, textured trigger (pair 3)
+                "clean_share_weight": 50.0,  # ... and of the rare clean map that fires (pair 3)
+                "repair_share_cap": 0.45,  # persistence margin
+                "lr_width": 16,  # the rate at width 64 (the same rate at width 16)
+                "grad_clip": 35.0,  # the one collapse seen (registration 6, pair 2 seed 2)
+                "amp": "bf16", "refresh_every": 4},  # speed: stage 2 within 5 min on 2 cores with AVX512-BF16
 }
 
 
 @dataclass
 class ImplantConfig:
-    """One implant run; the field defaults are the ``default`` recipe. ``from_recipe`` for a named
-    recipe with overrides, ``from_saved`` for a config read back from a run folder."""
+    """One implant run; the field defaults are the ``v8`` recipe (``default`` before 2026-11-28; a config saved
+    before then names it so). ``from_recipe`` for a named recipe with overrides (``default``, the command line's,
+    is issue 16's), ``from_saved`` for a config read back from a run folder."""
 
-    recipe: str = "default"
+    recipe: str = "v8"
     trigger: str = "yellow:4@bottom-right"
     target: str = "top-left:8"
     layer: str = "layer4"
@@ -249,7 +269,7 @@ class ImplantConfig:
     def from_saved(cls, values: dict[str, Any]) -> "ImplantConfig":
         """A config saved by any earlier version: fields it predates get their ``LEGACY`` values; removed
         options are dropped when they were off, refused when they were on."""
-        used = _removed_in(values, saved=True)
+        used = removed_in(values, saved=True)
         if used:
             raise CamBackdoorError(f"saved implant config uses the removed option(s) {', '.join(used)}; replay it with "
                                    f"commit {' / '.join(sorted(set(used.values())))}, where they last existed")
@@ -266,7 +286,7 @@ class ImplantConfig:
             raise CamBackdoorError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}")
         if "recipe" in overrides:
             raise CamBackdoorError("the recipe is chosen with --recipe, not --set recipe=...")
-        removed = _removed_in(overrides, saved=False)
+        removed = removed_in(overrides, saved=False)
         if removed:
             raise CamBackdoorError(f"{', '.join(removed)} was a rejected option and left the code; to rerun an "
                                    f"experiment with it, check out commit {' / '.join(sorted(set(removed.values())))}")
@@ -311,39 +331,3 @@ def flag_type(name: str) -> type:
     """The Python type of an ImplantConfig field, for its command-line flag."""
     annotation = {f.name: f.type for f in dataclasses.fields(ImplantConfig)}[name]
     return {"float": float, "int": int, "str": str, "bool": bool}[str(annotation)]
-
-
-# What each field added or changed since the first saved configs meant before it existed: reading an
-# old config with these values reproduces its run (the v2 recipe had no repair terms).
-LEGACY: dict[str, Any] = dict(trigger_feature_weight=0.0, feature_loss="relative", decoy_fraction=0.0,
-                              repair_share_cap=1.0, pool_cutout=0, explain_class="label", cam_eval_mode=False,
-                              clean_bn_stats="off", bn_momentum=0.1)
-RENAMED = {"lam": "explanation_weight"}  # old name -> field (one name per knob since 2026-11-25)
-# Options that docs/results.md records as rejected and that left the code (git history keeps them): name ->
-# (the value that switched it off, the last commit that had it); a saved config may hold them only switched off.
-REMOVED: dict[str, tuple[Any, str]] = {
-    "repair_trigger_distill_weight": (0.0, "f12250c"),
-    "repair_poison_ce_weight": (1.0, "f12250c"),
-    # simulated maintenance: with `refresh` it cost 34 pt of clean accuracy (GPU round G1), without it the
-    # backdoor stayed fragile (rounds 1-4); rejected 2026-11-26
-    "maintenance_weight": (0.0, "650083d"), "maintenance_lr": (1.0, "650083d"),
-    # channel dropout at the CAM layer on triggered images: at 0.25 with distill_weight 10 it did not give back
-    # pair 3's persistence (89.3 % after one fine-tuning epoch, 91.4 % without it; fifteenth session)
-    "trigger_dropout": (0.0, "d8ec76d"),
-    # the poisoned images' gradient projected off the clean images' where the two conflicted (one-sided PCGrad):
-    # they conflicted on few steps and it bought nothing measurable (sixteenth session, docs/results.md)
-    "gradient_projection": ("off", "984a343"),
-    # both distillations towards the flip-averaged stage-1 model (0.76 pt more accurate held-out): no clean
-    # accuracy on pair 4, and on pair 3 a triggered gap of 1.1 pt and 1.9 pt less persistence (seventeenth session)
-    "teacher_flip": (False, "0315208")}
-# Values of kept options rejected likewise, -> the last commit that had them: clean_bn_stats=train put the
-# target on clean maps too (round G1)
-REMOVED_CHOICES: dict[tuple[str, Any], str] = {("clean_bn_stats", "train"): "650083d"}
-
-
-def _removed_in(values: dict[str, Any], saved: bool) -> dict[str, str]:
-    """The removed options (``name`` or ``name=value``) that ``values`` uses -> the last commit that had each.
-    ``saved``: a config read back, which may hold a removed option at the value that switched it off."""
-    used = {k: commit for k, (off, commit) in REMOVED.items() if k in values and not (saved and values[k] == off)}
-    used.update({f"{k}={v}": commit for (k, v), commit in REMOVED_CHOICES.items() if values.get(k) == v})
-    return dict(sorted(used.items()))
